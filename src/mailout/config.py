@@ -1,0 +1,246 @@
+"""ZConfig datatypes for component.xml, and finding this process's settings.
+
+The datatypes turn sections into plain immutable settings objects; nothing
+here opens a connection or registers anything.
+"""
+import dataclasses
+import io
+import os
+import sys
+from typing import Optional
+
+import ZConfig
+
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'schema.xml')
+TLS_MODES = ('none', 'opportunistic', 'starttls', 'ssl')
+
+
+def tls_mode(value):
+    """Datatype of the ``tls`` key."""
+    value = value.lower()
+    if value not in TLS_MODES:
+        raise ValueError(
+            f"tls must be one of {', '.join(TLS_MODES)}, not {value!r}")
+    return value
+
+
+def relay_host(value):
+    """Datatype of a ``host`` line: ``host`` or ``host:port`` ->
+    ``(host, port or None)``."""
+    host, sep, port = value.rpartition(':')
+    if not sep or ']' in port:          # no port, or a bare [IPv6] literal
+        host, port = value, None
+    else:
+        port = ZConfig.datatypes.stock_datatypes['port-number'](port)
+    host = host.strip('[]')
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f'not a host name or address: {value!r}')
+    return host, port
+
+
+@dataclasses.dataclass(frozen=True)
+class SMTPMailerSettings:
+    name: str
+    hosts: tuple
+    port: Optional[int]
+    tls: str
+    username: Optional[str]
+    password: Optional[str] = dataclasses.field(repr=False)
+    password_file: Optional[str]
+    timeout: float
+    local_hostname: Optional[str]
+    ca_file: Optional[str]
+    verify_certificates: bool
+    allow_plain_auth: bool
+
+    @classmethod
+    def from_section(cls, section):
+        name = section.getSectionName()
+        if section.password and section.password_file:
+            raise ZConfig.ConfigurationError(
+                f'smtp-mailer {name!r}: set password or password-file, '
+                'not both')
+        if (section.password or section.password_file) \
+                and not section.username:
+            raise ZConfig.ConfigurationError(
+                f'smtp-mailer {name!r}: a password needs a username')
+        tls = section.tls or ('starttls' if section.username
+                              else 'opportunistic')
+        return cls(
+            name=name,
+            hosts=tuple(section.hosts) or (('localhost', None),),
+            port=section.port, tls=tls,
+            username=section.username, password=section.password,
+            password_file=section.password_file,
+            timeout=section.timeout, local_hostname=section.local_hostname,
+            ca_file=section.ca_file,
+            verify_certificates=section.verify_certificates,
+            allow_plain_auth=section.allow_plain_auth)
+
+    @property
+    def relays(self):
+        """``(host, port)`` of every relay, default ports filled in."""
+        default = self.port or (465 if self.tls == 'ssl' else 25)
+        return tuple((host, port or default) for host, port in self.hosts)
+
+    def read_password(self):
+        if self.password_file:
+            with open(self.password_file) as f:
+                return f.readline().rstrip('\r\n')
+        return self.password
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedDeliverySettings:
+    name: str
+    mailer: str
+    queue_path: str
+    processor: bool
+    poll_interval: float
+    max_message_size: int
+    min_backoff: float
+    max_backoff: float
+    max_lifetime: float
+
+    @classmethod
+    def from_section(cls, section):
+        if section.min_backoff > section.max_backoff:
+            raise ZConfig.ConfigurationError(
+                f'queued-delivery {section.getSectionName()!r}: min-backoff '
+                'is longer than max-backoff')
+        return cls(name=section.getSectionName(), mailer=section.mailer,
+                   queue_path=os.path.abspath(section.queue_path),
+                   processor=section.processor,
+                   poll_interval=section.poll_interval,
+                   max_message_size=section.max_message_size,
+                   min_backoff=section.min_backoff,
+                   max_backoff=section.max_backoff,
+                   max_lifetime=section.max_lifetime)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectDeliverySettings:
+    name: str
+    mailer: str
+    max_message_size: int
+
+    @classmethod
+    def from_section(cls, section):
+        return cls(name=section.getSectionName(), mailer=section.mailer,
+                   max_message_size=section.max_message_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MailoutSettings:
+    """Every mailer and delivery of one process, by name."""
+    name: Optional[str]
+    mailers: dict
+    deliveries: dict
+
+    @classmethod
+    def from_section(cls, section):
+        mailers = _by_name(section.mailers, 'mailer')
+        deliveries = _by_name(section.deliveries, 'delivery')
+        for delivery in deliveries.values():
+            if delivery.mailer not in mailers:
+                # Raised as ConfigurationError: ZConfig would turn a
+                # ValueError here into a DataConversionError without a line.
+                raise ZConfig.ConfigurationError(
+                    f'delivery {delivery.name!r} names unknown mailer '
+                    f'{delivery.mailer!r} (mailers: '
+                    f"{', '.join(sorted(mailers)) or 'none'})")
+        return cls(section.getSectionName(), mailers, deliveries)
+
+    # Zope stores product sections by getSectionName(); zope.app.appsetup
+    # stores .mapping, which is this object so that find() recognises it.
+    def getSectionName(self):
+        return self.name
+
+    @property
+    def mapping(self):
+        return self
+
+
+def _by_name(sections, kind):
+    result = {}
+    for settings in sections:
+        if settings.name in result:
+            raise ZConfig.ConfigurationError(
+                f'two {kind} sections are named {settings.name!r}')
+        result[settings.name] = settings
+    return result
+
+
+# Section datatypes named in component.xml.
+smtp_mailer = SMTPMailerSettings.from_section
+queued_delivery = QueuedDeliverySettings.from_section
+direct_delivery = DirectDeliverySettings.from_section
+mailout_section = MailoutSettings.from_section
+
+
+_schema = None
+
+
+def schema():
+    global _schema
+    if _schema is None:
+        _schema = ZConfig.loadSchema(SCHEMA_PATH)
+    return _schema
+
+
+def load(path):
+    """Load a standalone mailout file; return its `MailoutSettings`."""
+    config, _ = ZConfig.loadConfig(schema(), path)
+    return config.mailout
+
+
+def loads(text):
+    """Load standalone mailout configuration from a string."""
+    config, _ = ZConfig.loadConfigFile(schema(), io.StringIO(text))
+    return config.mailout
+
+
+def find(config=None):
+    """This process's settings and a description of where they came from.
+
+    In order: the ``config`` path, ``$MAILOUT_CONFIG``, Zope's
+    ``product_config``, zope.app.appsetup's product configuration.
+    """
+    path = config or os.environ.get('MAILOUT_CONFIG')
+    if path:
+        return load(path), path
+    for source, sections in _product_configs():
+        found = [s for s in sections if isinstance(s, MailoutSettings)]
+        files = [s['config-file'] for s in sections
+                 if isinstance(s, dict) and 'config-file' in s]
+        if len(found) + len(files) > 1:
+            names = [s.name for s in found] + files
+            raise ZConfig.ConfigurationError(
+                f'{source} has more than one mailout configuration: '
+                f"{', '.join(map(str, names))}")
+        if found:
+            return found[0], f'{source}, section <mailout {found[0].name}>'
+        if files:
+            return load(files[0]), files[0]
+    raise ZConfig.ConfigurationError(
+        'no mailout configuration: give the ZCML directive config="...", '
+        'set $MAILOUT_CONFIG, or add a <mailout> section to zope.conf')
+
+
+def _product_configs():
+    # Only look where a runtime already configured itself: merely calling
+    # App.config.getConfiguration() would install a default configuration.
+    if 'App.config' in sys.modules:
+        cfg = sys.modules['App.config'].getConfiguration()
+        product_config = getattr(cfg, 'product_config', None) or {}
+        yield 'zope.conf', _sections(product_config)
+    if 'zope.app.appsetup.product' in sys.modules:
+        product = sys.modules['zope.app.appsetup.product']
+        yield 'product configuration', _sections(product.saveConfiguration())
+
+
+def _sections(product_config):
+    # <product-config mailout> arrives as a plain dict (Zope) or a mapping.
+    return [v if isinstance(v, MailoutSettings) else dict(v)
+            for k, v in product_config.items()
+            if isinstance(v, MailoutSettings) or k == 'mailout']

@@ -1,0 +1,187 @@
+"""The IMailDelivery utilities and the transaction data manager they share.
+
+``send()`` validates at once and joins the current transaction; the data
+manager does the work at commit:
+
+* queued: ``tpc_vote`` writes and fsyncs each message into the queue's
+  ``tmp/``; ``tpc_finish`` only renames them into ``new/`` (plus one
+  directory fsync) and wakes the processor, because nothing that can fail
+  may happen after the vote.
+* direct: ``tpc_vote`` hands the messages to the mailer.  The data manager
+  sorts last, so every other resource has voted yes before mail leaves; a
+  refusal makes the vote, and so the commit, fail.
+"""
+import logging
+
+import transaction
+from transaction.interfaces import IDataManagerSavepoint
+from transaction.interfaces import ISavepointDataManager
+from zope.interface import implementer
+
+from mailout import message as _message
+from mailout.interfaces import DeliveryError
+from mailout.interfaces import IDirectMailDelivery
+from mailout.interfaces import IQueuedMailDelivery
+from mailout.processor import Processor
+from mailout.queue import Queue
+
+log = logging.getLogger(__name__)
+
+
+class _Delivery:
+
+    def __init__(self, name, mailer, max_message_size=None,
+                 transaction_manager=None):
+        self.name = name
+        self.mailer = mailer
+        self.max_message_size = max_message_size
+        self.transaction_manager = transaction_manager or transaction.manager
+
+    def __repr__(self):
+        return f'<{type(self).__name__} {self.name!r} via {self.mailer!r}>'
+
+    def send(self, fromaddr, toaddrs, message):
+        """Send ``message`` if the current transaction commits; return its
+        Message-Id (without angle brackets)."""
+        envelope = _message.prepare(fromaddr, toaddrs, message,
+                                    self.max_message_size)
+        self._data_manager().envelopes.append(envelope)
+        return envelope.message_id
+
+    def _data_manager(self):
+        txn = self.transaction_manager.get()
+        try:
+            data_manager = txn.data(self)
+        except KeyError:
+            data_manager = None
+        if data_manager is None:
+            data_manager = MailDataManager(self, self.transaction_manager)
+            txn.join(data_manager)
+            txn.set_data(self, data_manager)
+        return data_manager
+
+    # What the data manager calls, with the envelopes of one transaction.
+    def _vote(self, envelopes):
+        raise NotImplementedError
+
+    def _finish(self, state):
+        pass
+
+    def _abort(self, state):
+        pass
+
+
+@implementer(IQueuedMailDelivery)
+class QueuedDelivery(_Delivery):
+    """Commit puts messages durably into a queue directory; a `Processor`
+    delivers them."""
+
+    def __init__(self, name, mailer, queue_path, processor=None, **kw):
+        super().__init__(name, mailer, **kw)
+        self.queue = Queue.open(queue_path)
+        self.processor = processor
+
+    @property
+    def queuePath(self):
+        return self.queue.path
+
+    def _vote(self, envelopes):
+        names = []
+        try:
+            for envelope in envelopes:
+                names.append(self.queue.write(envelope))
+        except BaseException:
+            self.queue.discard(names)
+            raise
+        return names
+
+    def _finish(self, names):
+        self.queue.commit(names)
+        if self.processor is not None:
+            try:
+                self.processor.start()      # lazily, in processes that
+            except Exception:               # never said ProcessStarting
+                log.exception('could not start the processor of %r', self)
+
+    def _abort(self, names):
+        if names:
+            self.queue.discard(names)
+
+
+@implementer(IDirectMailDelivery)
+class DirectDelivery(_Delivery):
+    """Messages go to the mailer while the transaction votes."""
+
+    def _vote(self, envelopes):
+        try:
+            for envelope in envelopes:
+                refused = self.mailer.send(envelope.fromaddr,
+                                           envelope.toaddrs, envelope.message)
+                if refused:
+                    raise DeliveryError((None, 'recipients refused: ' + '; '.join(
+                        f'{addr}: {code} {text}'
+                        for addr, (code, text) in refused.items())))
+        finally:
+            self.mailer.close()
+
+
+@implementer(ISavepointDataManager)
+class MailDataManager:
+    """Joins a transaction for one delivery and collects its messages."""
+
+    def __init__(self, delivery, transaction_manager):
+        self.delivery = delivery
+        self.transaction_manager = transaction_manager
+        self.envelopes = []
+        self._state = None
+
+    def __repr__(self):
+        return f'<MailDataManager for {self.delivery!r}: ' \
+               f'{len(self.envelopes)} message(s)>'
+
+    def sortKey(self):
+        # '~' sorts after the usual keys (ZODB's storages, SQL databases):
+        # this one votes last.
+        return f'~mailout:{self.delivery.name}:{id(self)}'
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        self._state = self.delivery._vote(self.envelopes)
+
+    def tpc_finish(self, txn):
+        self._forget(txn)
+        self.delivery._finish(self._state)
+
+    def tpc_abort(self, txn):
+        self._forget(txn)
+        self.delivery._abort(self._state)
+        self._state = None
+
+    def abort(self, txn):
+        # Called when the transaction aborts before the vote, and when a
+        # savepoint taken before this data manager joined is rolled back.
+        self._forget(txn)
+        self.envelopes.clear()
+
+    def _forget(self, txn):
+        if txn.data(self.delivery) is self:
+            txn.set_data(self.delivery, None)
+
+    def savepoint(self):
+        return _Savepoint(self, len(self.envelopes))
+
+
+@implementer(IDataManagerSavepoint)
+class _Savepoint:
+
+    def __init__(self, data_manager, length):
+        self.data_manager = data_manager
+        self.length = length
+
+    def rollback(self):
+        del self.data_manager.envelopes[self.length:]

@@ -1,0 +1,197 @@
+"""Mailers: hand one message to a relay (zope.sendmail's IMailer).
+
+``send(fromaddr, toaddrs, message)`` returns the recipients the server
+refused, ``{address: (code, text)}``, and raises `TransientDeliveryError` or
+`PermanentDeliveryError` when the message as a whole was not taken.  Each
+thread keeps its own connection open across messages; ``close()`` ends the
+calling thread's connection.
+"""
+import logging
+import smtplib
+import socket
+import ssl
+import threading
+
+from zope.interface import implementer
+
+from mailout.interfaces import IMailer
+from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import TransientDeliveryError
+
+log = logging.getLogger(__name__)
+
+
+def delivery_error(code, text):
+    """The exception for a server reply: 5xx permanent, else transient."""
+    if isinstance(text, bytes):
+        text = text.decode('utf-8', 'replace')
+    cls = PermanentDeliveryError if 500 <= (code or 0) < 600 \
+        else TransientDeliveryError
+    return cls((code, text))
+
+
+@implementer(IMailer)
+class SMTPMailer:
+    """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.name = settings.name
+        self._local = threading.local()
+
+    def __repr__(self):
+        relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
+        return f'<SMTPMailer {self.name!r} {relays} tls={self.settings.tls}>'
+
+    # zope.sendmail's IMailer asks for these two; there is nothing to check
+    # before sending, nor anything to undo.
+    def vote(self, fromaddr, toaddrs, message):
+        pass
+
+    def abort(self):
+        pass
+
+    def send(self, fromaddr, toaddrs, message):
+        connection = getattr(self._local, 'connection', None)
+        if connection is not None:
+            try:
+                return self._send(connection, fromaddr, toaddrs, message)
+            except _Reconnect:
+                # The server closed the idle connection before MAIL FROM
+                # was answered: nothing was sent, so try on a new one.
+                self.close()
+        self._local.connection = self._connect()
+        try:
+            return self._send(self._local.connection, fromaddr, toaddrs,
+                              message)
+        except _Reconnect as e:
+            raise TransientDeliveryError((None, str(e.__cause__))) from None
+
+    def close(self):
+        connection = getattr(self._local, 'connection', None)
+        self._local.connection = None
+        if connection is not None:
+            try:
+                connection.quit()
+            except (smtplib.SMTPException, OSError):
+                connection.close()
+
+    def _send(self, connection, fromaddr, toaddrs, message):
+        try:
+            try:
+                code, text = connection.mail(fromaddr)
+            except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
+                raise _Reconnect() from e
+            if code != 250:
+                connection.rset()
+                raise delivery_error(code, text)
+            refused = {}
+            for address in toaddrs:
+                code, text = connection.rcpt(address)
+                if code not in (250, 251):
+                    refused[address] = (code, _text(text))
+            if len(refused) == len(toaddrs):
+                connection.rset()
+                return refused
+            code, text = connection.data(message)
+            if code != 250:
+                connection.rset()
+                raise delivery_error(code, text)
+            return refused
+        except smtplib.SMTPDataError as e:
+            # smtplib raises this for a non-354 answer to DATA.
+            self._rset(connection)
+            raise delivery_error(e.smtp_code, e.smtp_error) from None
+        except (smtplib.SMTPException, OSError) as e:
+            # Connection lost or timed out mid-transaction.  If that was
+            # after the final dot, the relay may have the message: RFC 1047's
+            # window, and the one case where a retry can send it twice.
+            self.close()
+            raise TransientDeliveryError((None, _describe(e))) from None
+
+    def _rset(self, connection):
+        try:
+            connection.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def _connect(self):
+        errors = []
+        for host, port in self.settings.relays:
+            try:
+                return self._open(host, port)
+            except smtplib.SMTPAuthenticationError as e:
+                errors.append(f'{host}:{port}: AUTH failed: '
+                              f'{e.smtp_code} {_text(e.smtp_error)}')
+            except TransientDeliveryError as e:
+                errors.append(f'{host}:{port}: {e}')
+            except (smtplib.SMTPException, OSError) as e:
+                errors.append(f'{host}:{port}: {_describe(e)}')
+        raise TransientDeliveryError((None, '; '.join(errors)))
+
+    def _open(self, host, port):
+        s = self.settings
+        context = self._tls_context()
+        local_hostname = s.local_hostname or _fqdn()
+        if s.tls == 'ssl':
+            connection = smtplib.SMTP_SSL(
+                host, port, local_hostname=local_hostname,
+                timeout=s.timeout, context=context)
+        else:
+            connection = smtplib.SMTP(host, port, local_hostname=local_hostname,
+                                      timeout=s.timeout)
+        try:
+            connection.ehlo_or_helo_if_needed()
+            encrypted = s.tls == 'ssl'
+            if s.tls in ('starttls', 'opportunistic'):
+                if connection.has_extn('starttls'):
+                    connection.starttls(context=context)
+                    connection.ehlo()
+                    encrypted = True
+                elif s.tls == 'starttls':
+                    raise TransientDeliveryError(
+                        (None, 'the server does not offer STARTTLS, which '
+                               '"tls starttls" requires'))
+            if s.username:
+                if not encrypted and not s.allow_plain_auth:
+                    raise TransientDeliveryError(
+                        (None, 'refusing AUTH over an unencrypted connection '
+                               '(set allow-plain-auth to permit it)'))
+                connection.login(s.username, s.read_password())
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _tls_context(self):
+        context = ssl.create_default_context(cafile=self.settings.ca_file)
+        if not self.settings.verify_certificates:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+class _Reconnect(Exception):
+    """A reused connection turned out to be closed."""
+
+
+_fqdn_cache = None
+
+
+def _fqdn():
+    global _fqdn_cache
+    if _fqdn_cache is None:
+        _fqdn_cache = socket.getfqdn()
+    return _fqdn_cache
+
+
+def _text(text):
+    return text.decode('utf-8', 'replace') if isinstance(text, bytes) \
+        else str(text)
+
+
+def _describe(error):
+    if isinstance(error, smtplib.SMTPResponseException):
+        return f'{error.smtp_code} {_text(error.smtp_error)}'
+    return f'{type(error).__name__}: {error}' if str(error) \
+        else type(error).__name__

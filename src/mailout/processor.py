@@ -1,0 +1,281 @@
+"""Queue processors: the threads that deliver queued mail.
+
+One `Processor` per queued delivery.  Threads start when the process is
+ready to serve (zope.processlifetime's ``IProcessStarting``, see
+configure.zcml) or, where nothing says so, lazily on the first commit that
+queues mail; never at import or while ZCML loads.  A forked child forgets
+its parent's threads and starts its own on first use.  Threads are daemons;
+at interpreter exit each finishes the message in hand and leaves the rest on
+disk.
+"""
+import atexit
+import dataclasses
+import logging
+import os
+import threading
+import time
+import weakref
+
+import zope.event
+from zope.interface import implementer
+
+from mailout.interfaces import IMailDeferredEvent
+from mailout.interfaces import IMailFailedEvent
+from mailout.interfaces import IMailSentEvent
+from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import TransientDeliveryError
+from mailout.message import message_id_of
+from mailout.queue import QueueError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _MailEvent:
+    message_id: str
+    fromaddr: str
+    toaddrs: tuple
+
+
+@implementer(IMailSentEvent)
+class MailSentEvent(_MailEvent):
+    pass
+
+
+@implementer(IMailDeferredEvent)
+@dataclasses.dataclass
+class MailDeferredEvent(_MailEvent):
+    reply: tuple
+
+
+@implementer(IMailFailedEvent)
+@dataclasses.dataclass
+class MailFailedEvent(_MailEvent):
+    reply: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a deferred message again, and when to give up.
+
+    The defaults are Postfix's (minimal_backoff_time, maximal_backoff_time,
+    maximal_queue_lifetime), within RFC 5321 section 4.5.4.1.
+    """
+    min_backoff: float = 300
+    max_backoff: float = 4000
+    max_lifetime: float = 5 * 24 * 3600
+
+    def next_attempt(self, attempts, now):
+        return now + min(self.max_backoff,
+                         self.min_backoff * 2 ** max(attempts - 1, 0))
+
+
+class Processor:
+    """Deliver the messages of one queue with one mailer."""
+
+    def __init__(self, queue, mailer, name='', poll_interval=1.0,
+                 retry=RetryPolicy()):
+        self.queue = queue
+        self.mailer = mailer
+        self.name = name
+        self.poll_interval = poll_interval
+        self.retry = retry
+        self._thread = None
+        self._pid = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def __repr__(self):
+        return f'<Processor {self.name!r} {self.queue.path}>'
+
+    @property
+    def running(self):
+        return self._thread is not None and self._pid == os.getpid() \
+            and self._thread.is_alive()
+
+    def start(self):
+        """Start the thread unless it runs in this process already."""
+        with self._lock:
+            if self.running:
+                return
+            self._stopping = threading.Event()
+            self._pid = os.getpid()
+            self._thread = threading.Thread(
+                target=self._run, name=f'mailout processor {self.name}',
+                daemon=True)
+            self._thread.start()
+            _started.add(self)
+            log.info('started %r', self)
+
+    def stop(self, timeout=10):
+        """Finish the message in hand, then stop; the rest stays queued."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None or self._pid != os.getpid():
+            return
+        self._stopping.set()
+        self.queue.wake()
+        thread.join(timeout)
+        log.info('stopped %r', self)
+
+    def _forget_after_fork(self):
+        # The thread did not come along into the child; its lock may have
+        # been held by it.
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def _run(self):
+        last_maintenance = 0
+        while not self._stopping.is_set():
+            arrivals = self.queue.arrivals
+            try:
+                now = time.time()
+                if now - last_maintenance >= self.poll_interval:
+                    self.queue.recover(now)
+                    self.queue.promote_due(now)
+                    last_maintenance = now
+                self.process_waiting()
+            except Exception:
+                log.exception('%r: unexpected error; continuing', self)
+            if self.queue.wait(self.poll_interval, arrivals) == arrivals:
+                self.mailer.close()         # idle: let the relay go
+        self.mailer.close()
+
+    def process_waiting(self):
+        """Deliver what ``new/`` holds now; return how many were handled."""
+        handled = 0
+        for name in self.queue.waiting():
+            if self._stopping.is_set():
+                break
+            claimed = self.queue.claim(name)
+            if claimed is not None:
+                self.deliver(claimed)
+                handled += 1
+        return handled
+
+    def run_once(self):
+        """Recover, promote due messages and deliver until ``new/`` is
+        empty; for scripts and tests.  Return how many were handled."""
+        self.queue.recover()
+        self.queue.promote_due()
+        total = 0
+        try:
+            while True:
+                handled = self.process_waiting()
+                if not handled:
+                    return total
+                total += handled
+        finally:
+            self.mailer.close()
+
+    def deliver(self, claimed):
+        """Send one claimed message and move it where its outcome says."""
+        try:
+            message = self.queue.read(claimed)
+        except (QueueError, ValueError, UnicodeDecodeError) as e:
+            log.error('%r: unreadable queue file %s: %s', self, claimed, e)
+            self.queue.quarantine(claimed, _attempt((None, str(e))))
+            return
+        message_id = message_id_of(message.message)
+        try:
+            refused = self.mailer.send(message.fromaddr, message.toaddrs,
+                                       message.message) or {}
+        except PermanentDeliveryError as e:
+            refused = dict.fromkeys(message.toaddrs, e.reply)
+        except TransientDeliveryError as e:
+            refused = dict.fromkeys(message.toaddrs, e.reply)
+        except Exception as e:
+            log.exception('%r: mailer failed on %s', self, claimed)
+            refused = dict.fromkeys(message.toaddrs,
+                                    (None, f'{type(e).__name__}: {e}'))
+        self._settle(claimed, message, message_id, refused)
+
+    def _settle(self, claimed, message, message_id, refused):
+        sent = tuple(a for a in message.toaddrs if a not in refused)
+        failed = {a: r for a, r in refused.items() if _is_permanent(r)}
+        deferred = {a: r for a, r in refused.items() if a not in failed}
+        now = time.time()
+        queued_at = message.queued_at or now
+        if deferred and now - queued_at >= self.retry.max_lifetime:
+            failed.update((a, (r[0], f'{r[1]} (gave up after '
+                              f'{int(now - queued_at)}s in the queue)'))
+                          for a, r in deferred.items())
+            deferred = {}
+        if sent:
+            log.info('%r: sent %s to %s', self, message_id, ', '.join(sent))
+            zope.event.notify(MailSentEvent(message_id, message.fromaddr,
+                                            sent))
+        if failed:
+            reply = _summary(failed)
+            log.error('%r: %s failed for %s: %s', self, message_id,
+                      ', '.join(failed), reply[1])
+            self.queue.fail(claimed, tuple(failed), _attempt(reply),
+                            keep_claim=bool(deferred))
+            zope.event.notify(MailFailedEvent(
+                message_id, message.fromaddr, tuple(failed), reply))
+        if deferred:
+            reply = _summary(deferred)
+            until = self.retry.next_attempt(len(message.attempts) + 1, now)
+            log.warning('%r: %s deferred for %s until %s: %s', self,
+                        message_id, ', '.join(deferred),
+                        time.strftime('%H:%M:%S', time.localtime(until)),
+                        reply[1])
+            self.queue.defer(claimed, tuple(deferred), _attempt(reply), until)
+            zope.event.notify(MailDeferredEvent(
+                message_id, message.fromaddr, tuple(deferred), reply))
+        elif not failed:
+            self.queue.done(claimed)
+
+
+def _is_permanent(reply):
+    code = reply[0]
+    return code is not None and 500 <= code < 600
+
+
+def _summary(refused):
+    replies = list(dict.fromkeys(refused.values()))
+    if len(replies) == 1:
+        return replies[0]
+    return (replies[0][0], '; '.join(f'{a}: {c} {t}' if c else f'{a}: {t}'
+                                     for a, (c, t) in refused.items()))
+
+
+def _attempt(reply):
+    code, text = reply
+    stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    text = ' '.join(str(text).split())      # one line
+    return f'{stamp} {code} {text}' if code else f'{stamp} {text}'
+
+
+# -- the processors of this process --------------------------------------------
+
+_registered = []                # by ZCML, for start_all
+_started = weakref.WeakSet()    # started in this process, for stop_all
+
+
+def register(processor):
+    """Remember ``processor`` for `start_all` (a ZCML action calls this)."""
+    if processor not in _registered:
+        _registered.append(processor)
+
+
+def start_all(event=None):
+    """Start every registered processor; the ``IProcessStarting`` handler."""
+    for processor in _registered:
+        processor.start()
+
+
+def stop_all(timeout=10):
+    """Stop every processor started in this process (at interpreter exit)."""
+    for processor in list(_started):
+        processor.stop(timeout)
+
+
+def _after_fork_in_child():
+    for processor in list(_started):
+        processor._forget_after_fork()
+    _started.clear()
+
+
+atexit.register(stop_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)

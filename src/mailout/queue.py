@@ -1,0 +1,345 @@
+"""The durable on-disk queue: a Maildir with claim, defer and fail areas.
+
+Layout of a queue directory (all 0700, files 0600)::
+
+    tmp/        messages of transactions that have voted, not yet committed
+    new/        committed messages waiting for delivery
+    cur/        messages claimed by a sender: NAME,HOST,PID,TOKEN
+    deferred/   messages waiting for a retry; the file's mtime is when
+    failed/     messages that failed for good, with their attempt history
+
+A message file is an envelope block, a blank line, then the message::
+
+    X-Mailout-From: sender@example.org
+    X-Mailout-To: one@example.org
+    X-Mailout-Attempt: 2026-11-25T09:00:00Z 451 try later
+
+Every state change is one ``rename``, so a crash at any point leaves each
+message in exactly one place; claims of dead owners go back to ``new/``.
+Files written by zope.sendmail's queued delivery (``X-Zope-From`` and
+``X-Zope-To`` lines before the message) are read too.
+"""
+import dataclasses
+import errno
+import os
+import socket
+import threading
+import time
+import uuid
+
+from mailout.interfaces import MailoutError
+from mailout.message import normalise_line_endings
+
+AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed')
+_HOST = (socket.gethostname() or 'localhost').replace(',', '_') \
+    .replace('/', '_')
+#: Claims by another host whose file was not touched for this long are
+#: taken back: that host's processor is presumed dead.
+CLAIM_LEASE = 600
+
+
+class QueueError(MailoutError):
+    """A queue file is unreadable or malformed."""
+
+
+@dataclasses.dataclass
+class QueuedMessage:
+    name: str
+    fromaddr: str
+    toaddrs: tuple
+    message: bytes
+    attempts: tuple = ()    # "TIME REPLY" lines, oldest first
+
+    @property
+    def queued_at(self):
+        """When the message entered the queue (seconds since the epoch)."""
+        try:
+            return int(self.name.split('.', 1)[0]) / 1e9
+        except ValueError:          # not one of our names (zope.sendmail's)
+            return None
+
+
+class Queue:
+    """One queue directory.  Use `Queue.open`: one object per directory and
+    process, so that commits wake the processor waiting on it."""
+
+    _open = {}
+    _open_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path):
+        path = os.path.realpath(path)
+        with cls._open_lock:
+            queue = cls._open.get(path)
+            if queue is None:
+                queue = cls._open[path] = cls(path)
+            return queue
+
+    def __init__(self, path):
+        self.path = path
+        for area in AREAS:
+            os.makedirs(os.path.join(path, area), mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        self._arrived = threading.Condition()
+        self._arrivals = 0
+        self._token = uuid.uuid4().hex[:8]
+        self._claims = set()        # claims held by this process, by name
+        self._claims_lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def __repr__(self):
+        return f'<Queue {self.path}>'
+
+    def _after_fork(self):
+        self._arrived = threading.Condition()
+        self._token = uuid.uuid4().hex[:8]
+        self._claims = set()
+        self._claims_lock = threading.Lock()
+
+    def _area(self, area, name=''):
+        return os.path.join(self.path, area, name)
+
+    # -- writing (used by the transaction's data manager) -------------------
+
+    def write(self, envelope):
+        """Write a message into ``tmp/`` durably; return its name."""
+        name = f'{time.time_ns()}.{os.getpid()}_{uuid.uuid4().hex[:12]}.{_HOST}'
+        data = _envelope_block(envelope.fromaddr, envelope.toaddrs) \
+            + b'\r\n' + envelope.message
+        _write_durably(self._area('tmp', name), data)
+        return name
+
+    def commit(self, names):
+        """Move written messages into ``new/``; one directory fsync for all.
+        Only renames can fail here, and they do not on a sane disk."""
+        for name in names:
+            os.rename(self._area('tmp', name), self._area('new', name))
+        _fsync_directory(self._area('new'))
+        self.wake()
+
+    def discard(self, names):
+        for name in names:
+            try:
+                os.unlink(self._area('tmp', name))
+            except FileNotFoundError:
+                pass
+
+    # -- waking the processor ------------------------------------------------
+
+    def wake(self):
+        with self._arrived:
+            self._arrivals += 1
+            self._arrived.notify_all()
+
+    @property
+    def arrivals(self):
+        """A count of commits; pass it to `wait`."""
+        return self._arrivals
+
+    def wait(self, timeout, seen):
+        """Wait until something arrived after ``seen`` (an earlier return
+        value) or ``timeout`` passed; return the new arrival count."""
+        with self._arrived:
+            if self._arrivals == seen:
+                self._arrived.wait(timeout)
+            return self._arrivals
+
+    # -- processing ----------------------------------------------------------
+
+    def waiting(self):
+        """Names in ``new/``, oldest first."""
+        return sorted(os.listdir(self._area('new')))
+
+    def claim(self, name):
+        """Take ``new/NAME`` for this thread; None if another took it."""
+        claimed = f'{name},{_HOST},{os.getpid()},{self._token}'
+        with self._claims_lock:
+            self._claims.add(claimed)
+        try:
+            os.rename(self._area('new', name), self._area('cur', claimed))
+        except FileNotFoundError:
+            with self._claims_lock:
+                self._claims.discard(claimed)
+            return None
+        os.utime(self._area('cur', claimed))    # starts the lease
+        return claimed
+
+    def read(self, claimed):
+        with open(self._area('cur', claimed), 'rb') as f:
+            data = f.read()
+        return _parse(claimed.split(',', 1)[0], data)
+
+    def done(self, claimed):
+        """The message was delivered to every recipient: forget it."""
+        os.unlink(self._area('cur', claimed))
+        self._unclaim(claimed)
+
+    def release(self, claimed):
+        """Put a claimed message back into ``new/`` unchanged."""
+        os.rename(self._area('cur', claimed),
+                  self._area('new', claimed.split(',', 1)[0]))
+        self._unclaim(claimed)
+
+    def defer(self, claimed, toaddrs, attempt, until):
+        """Keep ``toaddrs`` of the message for a retry at ``until``."""
+        self._rewrite(claimed, toaddrs, attempt)
+        target = self._area('deferred', claimed.split(',', 1)[0])
+        os.rename(self._area('cur', claimed), target)
+        os.utime(target, (until, until))
+        self._unclaim(claimed)
+
+    def fail(self, claimed, toaddrs, attempt, keep_claim=False):
+        """Move the message for ``toaddrs`` to ``failed/`` with its history.
+
+        With ``keep_claim`` a copy goes to ``failed/`` and the claimed
+        message stays (the other recipients are still to be handled)."""
+        name = claimed.split(',', 1)[0]
+        if keep_claim:
+            message = self.read(claimed)
+            data = _envelope_block(message.fromaddr, toaddrs,
+                                   message.attempts + (attempt,)) \
+                + b'\r\n' + message.message
+            _write_durably(self._area('failed', name), data)
+            return
+        self._rewrite(claimed, toaddrs, attempt)
+        os.rename(self._area('cur', claimed), self._area('failed', name))
+        self._unclaim(claimed)
+
+    def quarantine(self, claimed, reason):
+        """Move an unreadable claimed file to ``failed/`` as it is, with
+        ``NAME.reason`` beside it."""
+        name = claimed.split(',', 1)[0]
+        _write_durably(self._area('failed', name + '.reason'),
+                       reason.encode('utf-8') + b'\r\n')
+        os.rename(self._area('cur', claimed), self._area('failed', name))
+        self._unclaim(claimed)
+
+    def promote_due(self, now=None):
+        """Move deferred messages whose time has come back to ``new/``."""
+        now = time.time() if now is None else now
+        moved = 0
+        for entry in os.scandir(self._area('deferred')):
+            try:
+                if entry.stat().st_mtime <= now:
+                    os.rename(entry.path, self._area('new', entry.name))
+                    moved += 1
+            except FileNotFoundError:       # another processor moved it
+                pass
+        return moved
+
+    def recover(self, now=None):
+        """Give claims of dead owners back to ``new/``; return how many."""
+        now = time.time() if now is None else now
+        recovered = 0
+        for claimed in os.listdir(self._area('cur')):
+            if self._owner_is_dead(claimed, now):
+                try:
+                    os.rename(self._area('cur', claimed),
+                              self._area('new', claimed.split(',', 1)[0]))
+                    recovered += 1
+                except FileNotFoundError:
+                    pass
+        return recovered
+
+    def _owner_is_dead(self, claimed, now):
+        try:
+            _, host, pid, token = claimed.split(',')
+            pid = int(pid)
+        except ValueError:
+            return True             # not a claim of ours: take it
+        if host != _HOST:
+            try:
+                touched = os.stat(self._area('cur', claimed)).st_mtime
+            except FileNotFoundError:
+                return False
+            return now - touched > CLAIM_LEASE
+        if pid == os.getpid():
+            with self._claims_lock:
+                return token != self._token or claimed not in self._claims
+        return not _pid_alive(pid)
+
+    def _unclaim(self, claimed):
+        with self._claims_lock:
+            self._claims.discard(claimed)
+
+    def _rewrite(self, claimed, toaddrs, attempt):
+        # Replace the claimed file in place (write aside, rename over), so a
+        # crash leaves either the old or the new version, never both.
+        message = self.read(claimed)
+        data = _envelope_block(message.fromaddr, toaddrs,
+                               message.attempts + (attempt,)) \
+            + b'\r\n' + message.message
+        aside = self._area('tmp', f'{claimed}.rewrite')
+        _write_durably(aside, data)
+        os.rename(aside, self._area('cur', claimed))
+
+    def count(self, area):
+        return len(os.listdir(self._area(area)))
+
+
+def _envelope_block(fromaddr, toaddrs, attempts=()):
+    lines = [f'X-Mailout-From: {fromaddr}']
+    lines += [f'X-Mailout-To: {to}' for to in toaddrs]
+    lines += [f'X-Mailout-Attempt: {attempt}' for attempt in attempts]
+    return ''.join(line + '\r\n' for line in lines).encode('utf-8')
+
+
+def _parse(name, data):
+    if data.startswith(b'X-Zope-From:'):
+        return _parse_zope_sendmail(name, data)
+    envelope, sep, message = data.partition(b'\r\n\r\n')
+    if not sep:
+        raise QueueError(f'queue file {name} has no envelope block')
+    fromaddr, toaddrs, attempts = None, [], []
+    for line in envelope.decode('utf-8').split('\r\n'):
+        key, _, value = line.partition(': ')
+        if key == 'X-Mailout-From':
+            fromaddr = value
+        elif key == 'X-Mailout-To':
+            toaddrs.append(value)
+        elif key == 'X-Mailout-Attempt':
+            attempts.append(value)
+        else:
+            raise QueueError(f'queue file {name}: unknown line {line!r}')
+    if fromaddr is None or not toaddrs:
+        raise QueueError(f'queue file {name} lacks sender or recipients')
+    return QueuedMessage(name, fromaddr, tuple(toaddrs), message,
+                         tuple(attempts))
+
+
+def _parse_zope_sendmail(name, data):
+    # zope.sendmail: "X-Zope-From: a\nX-Zope-To: b, c\n" then the message.
+    from_line, to_line, message = data.split(b'\n', 2)
+    message = normalise_line_endings(message)
+    fromaddr = from_line.split(b':', 1)[1].strip().decode('utf-8')
+    toaddrs = tuple(a.strip() for a in
+                    to_line.split(b':', 1)[1].decode('utf-8').split(',')
+                    if a.strip())
+    return QueuedMessage(name, fromaddr, toaddrs, message)
+
+
+def _write_durably(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True

@@ -1,0 +1,86 @@
+"""Fixtures: real SMTP server processes, certificates, configs, clean-up."""
+import pytest
+import transaction
+import zope.component.testing
+
+from helpers import Sink
+from helpers import write_config
+from mailout import processor
+
+
+@pytest.fixture
+def start_sink(tmp_path_factory):
+    """Start SMTP sink processes with the given options; stopped after."""
+    sinks = []
+
+    def start(*options):
+        sink = Sink(tmp_path_factory.mktemp('sink'), *options)
+        sinks.append(sink)
+        return sink
+    yield start
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.fixture(scope='session')
+def _session_sink(tmp_path_factory):
+    sink = Sink(tmp_path_factory.mktemp('sink'))
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def sink(_session_sink):
+    """A plain SMTP sink, emptied for each test."""
+    _session_sink.clear()
+    return _session_sink
+
+
+@pytest.fixture(scope='session')
+def certs(tmp_path_factory):
+    """A CA and a server certificate for 127.0.0.1 and localhost, as files:
+    ``certs.ca``, ``certs.cert``, ``certs.key``."""
+    import trustme
+    directory = tmp_path_factory.mktemp('certs')
+    ca = trustme.CA()
+    server = ca.issue_cert('127.0.0.1', 'localhost')
+
+    class Certs:
+        ca = str(directory / 'ca.pem')
+        cert = str(directory / 'cert.pem')
+        key = str(directory / 'key.pem')
+    ca.cert_pem.write_to_path(Certs.ca)
+    server.cert_chain_pems[0].write_to_path(Certs.cert)
+    server.private_key_pem.write_to_path(Certs.key)
+    return Certs
+
+
+@pytest.fixture
+def config_file(tmp_path, sink):
+    """A standalone config: mailer 'relay' -> the sink; queued delivery
+    'default' and direct delivery 'urgent'."""
+    return write_config(tmp_path / 'mailout.conf', f'''
+        <smtp-mailer relay>
+          host 127.0.0.1:{sink.port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/queue
+        </queued-delivery>
+        <direct-delivery urgent>
+          mailer relay
+        </direct-delivery>
+    ''')
+
+
+@pytest.fixture(autouse=True)
+def clean_up():
+    """Abort the transaction, empty the component registry and stop every
+    processor a test started."""
+    zope.component.testing.setUp()
+    yield
+    transaction.abort()
+    processor.stop_all()
+    processor._registered.clear()
+    zope.component.testing.tearDown()

@@ -1,0 +1,72 @@
+"""Helpers shared by the tests."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Sink:
+    """An SMTP server process (tests/smtpsink.py) and what it received."""
+
+    def __init__(self, directory, *options):
+        self.directory = str(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, 'smtpsink.py'),
+             '--dir', self.directory, *options],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f'SMTP sink did not start: {options}')
+        self.port = int(line)
+
+    def messages(self):
+        names = sorted(n for n in os.listdir(self.directory)
+                       if n.endswith('.json'))
+        result = []
+        for name in names:
+            with open(os.path.join(self.directory, name)) as f:
+                record = json.load(f)
+            record['data'] = record['data'].encode('latin-1')
+            result.append(record)
+        return result
+
+    def wait_for(self, count, timeout=10):
+        """Wait until ``count`` messages arrived; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.messages()
+            if len(messages) >= count or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.005)
+
+    def clear(self):
+        for name in os.listdir(self.directory):
+            os.unlink(os.path.join(self.directory, name))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def write_config(path, body):
+    """Write a standalone mailout file: ``<mailout>`` around ``body``."""
+    with open(path, 'w') as f:
+        f.write('<mailout>\n' + textwrap.dedent(body) + '\n</mailout>\n')
+    return str(path)
+
+
+def message(subject='Hello', body='Hi there.\n', headers=''):
+    """A small message as bytes with CRLF line endings."""
+    text = (f'From: sender@example.org\nTo: ann@example.org\n'
+            f'Subject: {subject}\n{headers}\n{body}')
+    return text.replace('\n', '\r\n').encode()
