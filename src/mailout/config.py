@@ -139,8 +139,9 @@ class MailoutSettings:
 
     @classmethod
     def from_section(cls, section):
-        mailers = _by_name(section.mailers, 'mailer')
-        deliveries = _by_name(section.deliveries, 'delivery')
+        # ZConfig already refuses two sections of one name.
+        mailers = {s.name: s for s in section.mailers}
+        deliveries = {s.name: s for s in section.deliveries}
         for delivery in deliveries.values():
             if delivery.mailer not in mailers:
                 # Raised as ConfigurationError: ZConfig would turn a
@@ -159,16 +160,6 @@ class MailoutSettings:
     @property
     def mapping(self):
         return self
-
-
-def _by_name(sections, kind):
-    result = {}
-    for settings in sections:
-        if settings.name in result:
-            raise ZConfig.ConfigurationError(
-                f'two {kind} sections are named {settings.name!r}')
-        result[settings.name] = settings
-    return result
 
 
 # Section datatypes named in component.xml.
@@ -228,10 +219,12 @@ def find(config=None):
 
 
 def _product_configs():
-    # Only look where a runtime already configured itself: merely calling
-    # App.config.getConfiguration() would install a default configuration.
+    # Only look where a runtime already configured itself.  Not through
+    # App.config.getConfiguration(): in a process that merely imported Zope
+    # it installs a DefaultConfiguration and sets $INSTANCE_HOME and
+    # $CLIENT_HOME.  _config stays None until Zope calls setConfiguration().
     if 'App.config' in sys.modules:
-        cfg = sys.modules['App.config'].getConfiguration()
+        cfg = getattr(sys.modules['App.config'], '_config', None)
         product_config = getattr(cfg, 'product_config', None) or {}
         yield 'zope.conf', _sections(product_config)
     if 'zope.app.appsetup.product' in sys.modules:

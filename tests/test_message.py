@@ -1,0 +1,143 @@
+"""Validation and normalisation at send() (mailout.message)."""
+import email.message
+
+import pytest
+
+import mailout
+from mailout.message import prepare
+
+
+def msg(text):
+    return text.replace('\n', '\r\n').encode()
+
+
+GOOD = msg('From: a@example.org\nSubject: hi\n\nbody\n')
+
+
+def test_adds_message_id_and_date_keeps_the_rest():
+    """Missing Message-Id and Date are added in front; the rest is kept."""
+    envelope = prepare('a@example.org', ['b@example.org'], GOOD)
+    assert envelope.message.endswith(GOOD)
+    assert envelope.message.startswith(
+        f'Message-Id: <{envelope.message_id}>\r\nDate: '.encode())
+
+
+def test_given_message_id_is_returned_without_brackets():
+    data = msg('Message-Id: <x.1@example.org>\nDate: today\n\nbody\n')
+    envelope = prepare('a@example.org', ['b@example.org'], data)
+    assert envelope.message_id == 'x.1@example.org'
+    assert envelope.message == data
+
+
+def test_line_endings_are_normalised_to_crlf():
+    """Bare LF and CR are turned into CRLF, not rejected."""
+    envelope = prepare('a@example.org', ['b@example.org'],
+                       'Subject: x\n\nline one\rline two\r\nthree\n')
+    assert envelope.message.endswith(
+        b'Subject: x\r\n\r\nline one\r\nline two\r\nthree\r\n')
+
+
+def test_bcc_is_removed():
+    """Bcc never leaves in the headers, folded lines included."""
+    data = msg('Subject: x\nBcc: secret@example.org,\n more@example.org\n'
+               'To: b@example.org\n\nbody\n')
+    envelope = prepare('a@example.org', ['b@example.org'], data)
+    assert b'secret' not in envelope.message
+    assert b'more@' not in envelope.message
+    assert b'To: b@example.org' in envelope.message
+
+
+def test_email_message_objects():
+    """email.message.Message and EmailMessage are serialised with CRLF."""
+    m = email.message.EmailMessage()
+    m['Subject'] = 'Grüße'
+    m.set_content('é\n' * 3)
+    envelope = prepare('a@example.org', ['b@example.org'], m)
+    assert b'\r\n\r\n' in envelope.message
+    assert b'\n' not in envelope.message.replace(b'\r\n', b'')
+
+
+def test_recipients_deduplicated_in_order():
+    envelope = prepare('a@example.org', ['c@x.org', 'b@x.org', 'c@x.org'],
+                       GOOD)
+    assert envelope.toaddrs == ('c@x.org', 'b@x.org')
+
+
+def test_display_name_form_is_accepted():
+    """'Name <addr>' as smtplib accepts it becomes the bare address."""
+    envelope = prepare('Ann <a@example.org>', ['b@example.org'], GOOD)
+    assert envelope.fromaddr == 'a@example.org'
+
+
+@pytest.mark.parametrize('fromaddr, toaddrs, message, error, text', [
+    ('', ['b@x.org'], GOOD, mailout.InvalidSender, 'empty'),
+    (None, ['b@x.org'], GOOD, mailout.InvalidSender, 'must be a string'),
+    ('no-at-sign', ['b@x.org'], GOOD, mailout.InvalidSender, 'not a valid'),
+    ('a@x.org\r\nRCPT TO:<evil@x.org>', ['b@x.org'], GOOD,
+     mailout.InvalidSender, 'line break'),
+    ('a@x.org', [], GOOD, mailout.NoRecipients, 'no recipients'),
+    ('a@x.org', 'b@x.org', GOOD, mailout.InvalidRecipient, 'not a string'),
+    ('a@x.org', ['b@x.org\n'], GOOD, mailout.InvalidRecipient, 'line break'),
+    ('a@x.org', ['b@x.org\0'], GOOD, mailout.InvalidRecipient, 'NUL'),
+    ('a@x.org', ['b c@x.org'], GOOD, mailout.InvalidRecipient, 'not a valid'),
+    ('a@x.org', ['b@-x.org'], GOOD, mailout.InvalidRecipient, 'not a valid'),
+    ('a@x.org', ['ü@x.org'], GOOD, mailout.NonASCIIAddress, 'not ASCII'),
+    ('a@x.org', ['b@x.org'], b'just a body\r\n', mailout.InvalidHeader,
+     'malformed first line'),
+    ('a@x.org', ['b@x.org'], b'\r\nbody\r\n', mailout.InvalidHeader,
+     'malformed'),
+    ('a@x.org', ['b@x.org'], b'', mailout.InvalidHeader, 'malformed'),
+    ('a@x.org', ['b@x.org'], msg('Subject: x\nnot a header\n\nbody'),
+     mailout.InvalidHeader, 'header block'),
+    ('a@x.org', ['b@x.org'], msg('Message-Id: nobrackets@x\n\nbody'),
+     mailout.InvalidMessageId, 'malformed Message-Id'),
+    ('a@x.org', ['b@x.org'], msg('Message-Id: <a@x>\nMessage-ID: <b@x>\n\n'),
+     mailout.InvalidMessageId, 'more than one'),
+    ('a@x.org', ['b@x.org'], 42, mailout.MessageError, 'not int'),
+])
+def test_bad_input(fromaddr, toaddrs, message, error, text):
+    """Each kind of bad input raises its specific MailoutError subclass."""
+    with pytest.raises(error, match=text):
+        prepare(fromaddr, toaddrs, message)
+
+
+def test_too_large():
+    with pytest.raises(mailout.MessageTooLarge, match='max-message-size'):
+        prepare('a@x.org', ['b@x.org'], GOOD + b'x' * 1000, max_size=1000)
+
+
+def test_envelope_from_headers(sink, config_file):
+    """send_message() takes the envelope from Sender/From and To/Cc/Bcc."""
+    from zope.configuration import xmlconfig
+    import transaction
+    xmlconfig.string(f'''
+      <configure xmlns:mail="http://namespaces.zope.org/mailout">
+        <include package="mailout" file="meta.zcml" />
+        <mail:deliveries config="{config_file}" />
+      </configure>''')
+    m = email.message.EmailMessage()
+    m['From'] = 'Ann <ann@example.org>'
+    m['To'] = 'Bob <bob@example.org>, carl@example.org'
+    m['Cc'] = 'dora@example.org'
+    m['Bcc'] = 'eve@example.org'
+    m['Subject'] = 'hello'
+    m.set_content('hi')
+    mailout.send_message(m, delivery='urgent')
+    mailout.send_message(m, fromaddr='bounce@example.org',
+                         toaddrs=['zed@example.org'], delivery='urgent')
+    transaction.commit()
+    first, second = sink.messages()
+    assert first['mail_from'] == 'ann@example.org'
+    assert first['rcpt_tos'] == ['bob@example.org', 'carl@example.org',
+                                 'dora@example.org', 'eve@example.org']
+    assert b'eve@' not in first['data'] and b'Bcc' not in first['data']
+    assert second['mail_from'] == 'bounce@example.org'
+    assert second['rcpt_tos'] == ['zed@example.org']
+    assert m['Bcc'] == 'eve@example.org'    # the caller's object is intact
+
+
+def test_send_message_needs_a_sender():
+    m = email.message.EmailMessage()
+    m['To'] = 'b@x.org'
+    with pytest.raises(mailout.InvalidSender, match='pass fromaddr'):
+        mailout.send_message(m)
