@@ -24,12 +24,13 @@ setup(
         'zope.sendmail >= 6.0',
     ],
     extras_require={
+        'demo': ['aiosmtpd'],
         'test': [
             'aiosmtpd',
             'hypothesis',
             'pytest',
             'trustme',
-            'zope.testrunner',
+            'zope.testing',
         ],
     },
     entry_points={
