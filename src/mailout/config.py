@@ -96,6 +96,7 @@ class QueuedDeliverySettings:
     mailer: str
     queue_path: str
     processor: bool
+    connections: int
     poll_interval: float
     max_message_size: int
     min_backoff: float
@@ -108,9 +109,14 @@ class QueuedDeliverySettings:
             raise ZConfig.ConfigurationError(
                 f'queued-delivery {section.getSectionName()!r}: min-backoff '
                 'is longer than max-backoff')
+        if section.connections < 1:
+            raise ZConfig.ConfigurationError(
+                f'queued-delivery {section.getSectionName()!r}: connections '
+                'must be at least 1')
         return cls(name=section.getSectionName(), mailer=section.mailer,
                    queue_path=os.path.abspath(section.queue_path),
                    processor=section.processor,
+                   connections=section.connections,
                    poll_interval=section.poll_interval,
                    max_message_size=section.max_message_size,
                    min_backoff=section.min_backoff,

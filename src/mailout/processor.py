@@ -9,6 +9,7 @@ at interpreter exit each finishes the message in hand and leaves the rest on
 disk.
 """
 import atexit
+import collections
 import dataclasses
 import logging
 import os
@@ -71,69 +72,76 @@ class RetryPolicy:
 
 
 class Processor:
-    """Deliver the messages of one queue with one mailer."""
+    """Deliver the messages of one queue with one mailer, over
+    ``connections`` sender threads (each keeps its own connection)."""
 
     def __init__(self, queue, mailer, name='', poll_interval=1.0,
-                 retry=RetryPolicy()):
+                 retry=RetryPolicy(), connections=1):
         self.queue = queue
         self.mailer = mailer
         self.name = name
         self.poll_interval = poll_interval
         self.retry = retry
-        self._thread = None
+        self.connections = connections
+        self._threads = []
         self._pid = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._names = collections.deque()   # listed in new/, not yet tried
+        self._names_lock = threading.Lock()
+        self._last_maintenance = 0
 
     def __repr__(self):
         return f'<Processor {self.name!r} {self.queue.path}>'
 
     @property
     def running(self):
-        return self._thread is not None and self._pid == os.getpid() \
-            and self._thread.is_alive()
+        return self._pid == os.getpid() \
+            and any(t.is_alive() for t in self._threads)
 
     def start(self):
-        """Start the thread unless it runs in this process already."""
+        """Start the threads unless they run in this process already."""
         with self._lock:
             if self.running:
                 return
             self._stopping = threading.Event()
             self._pid = os.getpid()
-            self._thread = threading.Thread(
-                target=self._run, name=f'mailout processor {self.name}',
-                daemon=True)
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._run, daemon=True,
+                                 name=f'mailout {self.name} sender {i}')
+                for i in range(self.connections)]
+            for thread in self._threads:
+                thread.start()
             _started.add(self)
-            log.info('started %r', self)
+            log.info('started %r with %d connection(s)', self,
+                     self.connections)
 
     def stop(self, timeout=10):
-        """Finish the message in hand, then stop; the rest stays queued."""
+        """Finish the messages in hand, then stop; the rest stays queued."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None or self._pid != os.getpid():
+            threads, self._threads = self._threads, []
+        if not threads or self._pid != os.getpid():
             return
         self._stopping.set()
         self.queue.wake()
-        thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
         log.info('stopped %r', self)
 
     def _forget_after_fork(self):
-        # The thread did not come along into the child; its lock may have
-        # been held by it.
+        # The threads did not come along into the child; a lock may have
+        # been held by one of them.
         self._lock = threading.Lock()
-        self._thread = None
+        self._names_lock = threading.Lock()
+        self._names = collections.deque()
+        self._threads = []
 
     def _run(self):
-        last_maintenance = 0
         while not self._stopping.is_set():
             arrivals = self.queue.arrivals
             try:
-                now = time.time()
-                if now - last_maintenance >= self.poll_interval:
-                    self.queue.recover(now)
-                    self.queue.promote_due(now)
-                    last_maintenance = now
+                self._maintain()
                 self.process_waiting()
             except Exception:
                 log.exception('%r: unexpected error; continuing', self)
@@ -141,11 +149,31 @@ class Processor:
                 self.mailer.close()         # idle: let the relay go
         self.mailer.close()
 
+    def _maintain(self):
+        """Recover dead claims and promote due deferred messages, at most
+        once a poll interval for all threads."""
+        now = time.time()
+        with self._names_lock:
+            if now - self._last_maintenance < self.poll_interval:
+                return
+            self._last_maintenance = now
+        self.queue.recover(now)
+        self.queue.promote_due(now)
+
+    def _next_name(self):
+        # One listing of new/ serves every sender thread until it is used
+        # up; a name another process took meanwhile fails its claim.
+        with self._names_lock:
+            if not self._names:
+                self._names.extend(self.queue.waiting())
+            return self._names.popleft() if self._names else None
+
     def process_waiting(self):
-        """Deliver what ``new/`` holds now; return how many were handled."""
+        """Deliver until ``new/`` is empty; return how many were handled."""
         handled = 0
-        for name in self.queue.waiting():
-            if self._stopping.is_set():
+        while not self._stopping.is_set():
+            name = self._next_name()
+            if name is None:
                 break
             claimed = self.queue.claim(name)
             if claimed is not None:
@@ -155,16 +183,12 @@ class Processor:
 
     def run_once(self):
         """Recover, promote due messages and deliver until ``new/`` is
-        empty; for scripts and tests.  Return how many were handled."""
+        empty, in the calling thread; for scripts and tests.  Return how
+        many were handled."""
         self.queue.recover()
         self.queue.promote_due()
-        total = 0
         try:
-            while True:
-                handled = self.process_waiting()
-                if not handled:
-                    return total
-                total += handled
+            return self.process_waiting()
         finally:
             self.mailer.close()
 
