@@ -3,7 +3,8 @@
 Run as ``python smtpsink.py --dir DIR [options]``.  It prints its port on
 the first line of stdout, writes every accepted message to DIR as one JSON
 file (``NNNNNN.json``: mail_from, rcpt_tos, data as latin-1 text, tls,
-auth), and exits when its stdin closes, so it dies with the test run.
+auth, peer = the client's port), and exits when its stdin closes, so it
+dies with the test run.
 """
 import argparse
 import asyncio
@@ -26,6 +27,14 @@ class Recorder:
         self.args = args
         self.counter = itertools.count(len(os.listdir(directory)) + 1)
 
+    async def handle_MAIL(self, server, session, envelope, address,
+                          mail_options):
+        if self.args.mail_reply:
+            return self.args.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return '250 OK'
+
     async def handle_RCPT(self, server, session, envelope, address, options):
         if address in self.args.refuse:
             return self.args.refuse[address]
@@ -37,8 +46,11 @@ class Recorder:
             'mail_from': envelope.mail_from,
             'rcpt_tos': envelope.rcpt_tos,
             'data': envelope.original_content.decode('latin-1'),
-            'tls': session.ssl is not None,
-            'auth': session.authenticated,
+            # session.ssl is only set by STARTTLS; implicit TLS (--ssl) shows
+            # in the transport.
+            'tls': session.ssl is not None
+            or server.transport.get_extra_info('ssl_object') is not None,
+            'auth': bool(session.authenticated),
             'peer': session.peer[1],
         }
         name = f'{next(self.counter):06d}.json'
@@ -49,13 +61,30 @@ class Recorder:
         return '250 Message accepted'
 
 
+class SinkSMTP(SMTP):
+    """aiosmtpd's SMTP, optionally saying ``idle_reply`` (as Postfix says
+    "421 4.4.2 ... timeout exceeded") before it closes an idle connection.
+    """
+
+    def __init__(self, handler, idle_reply=None, **options):
+        super().__init__(handler, **options)
+        self.idle_reply = idle_reply
+
+    def _timeout_cb(self):
+        if self.idle_reply and self.transport is not None:
+            self.transport.write(self.idle_reply.encode('ascii') + b'\r\n')
+        super()._timeout_cb()
+
+
 def authenticator(credentials):
     user, password = credentials.split(':', 1)
 
     def check(server, session, envelope, mechanism, auth_data):
         ok = (auth_data.login.decode(), auth_data.password.decode()) \
             == (user, password)
-        return AuthResult(success=ok)
+        # handled=False: let aiosmtpd answer 535; handled=True would mean
+        # this function had replied itself, and the client waits forever.
+        return AuthResult(success=ok, handled=False)
     return check
 
 
@@ -75,10 +104,18 @@ def main(argv=None):
     parser.add_argument('--refuse', action='append', default=[],
                         metavar='ADDRESS=REPLY',
                         help='answer RCPT TO:<ADDRESS> with REPLY')
+    parser.add_argument('--mail-reply', metavar='REPLY',
+                        help='answer every MAIL FROM with REPLY')
+    parser.add_argument('--idle-timeout', type=float, metavar='SECONDS',
+                        help='close a connection idle this long')
+    parser.add_argument('--idle-reply', metavar='REPLY',
+                        help='say REPLY before closing an idle connection')
     args = parser.parse_args(argv)
     args.refuse = dict(r.split('=', 1) for r in args.refuse)
 
-    options = {'hostname': 'sink.test'}
+    options = {'hostname': 'sink.test', 'idle_reply': args.idle_reply}
+    if args.idle_timeout:
+        options['timeout'] = args.idle_timeout
     if args.starttls:
         options['tls_context'] = tls_context(*args.starttls)
         options['require_starttls'] = args.require_starttls
@@ -97,7 +134,7 @@ def main(argv=None):
 
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(loop.create_server(
-        lambda: SMTP(handler, **options), sock=sock,
+        lambda: SinkSMTP(handler, **options), sock=sock,
         ssl=tls_context(*args.ssl) if args.ssl else None))
     print(sock.getsockname()[1], flush=True)
 

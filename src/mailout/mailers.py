@@ -58,13 +58,16 @@ class SMTPMailer:
                 return self._send(connection, fromaddr, toaddrs, message)
             except _Reconnect:
                 # The server closed the idle connection before MAIL FROM
-                # was answered: nothing was sent, so try on a new one.
+                # was accepted: nothing was sent, so try on a new one.
                 self.close()
         self._local.connection = self._connect()
         try:
             return self._send(self._local.connection, fromaddr, toaddrs,
                               message)
         except _Reconnect as e:
+            self.close()
+            if isinstance(e.__cause__, TransientDeliveryError):
+                raise e.__cause__ from None
             raise TransientDeliveryError((None, str(e.__cause__))) from None
 
     def close(self):
@@ -82,6 +85,10 @@ class SMTPMailer:
                 code, text = connection.mail(fromaddr)
             except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
                 raise _Reconnect() from e
+            if code == 421:
+                # The server is closing the connection (Postfix says so
+                # when it drops an idle one): nothing was sent.
+                raise _Reconnect() from delivery_error(code, text)
             if code != 250:
                 connection.rset()
                 raise delivery_error(code, text)
