@@ -5,6 +5,7 @@ queued and sent as it is: line endings are CRLF, the header block is well
 formed, ``Message-Id`` and ``Date`` are present and ``Bcc`` is gone.
 """
 import dataclasses
+import email.errors
 import email.message
 import email.utils
 import os
@@ -29,6 +30,8 @@ _ADDR_SPEC = re.compile(
     rf'@(?:{_LABEL}(?:\.{_LABEL})*|\[[^\[\]\\\s]+\])\Z')          # domain
 _LINE_ENDING = re.compile(rb'\r\n|\r|\n')
 _FIELD_NAME = re.compile(rb'[!-9;-~]+:')
+# A line break that is not a fold (one followed by a space or tab).
+_INJECTED_LINE = re.compile(r'(?:\r\n|\r(?!\n)|(?<!\r)\n)(?![ \t])')
 _MESSAGE_ID = re.compile(r'<([^<>\s@]+@[^<>\s@]+)>\Z')
 
 
@@ -147,7 +150,17 @@ def _as_bytes(message):
     if isinstance(message, str):
         return message.encode('utf-8')
     if isinstance(message, email.message.Message):
-        return message.as_bytes(policy=message.policy.clone(linesep='\r\n'))
+        for name, value in message.items():
+            if _INJECTED_LINE.search(str(value)):
+                raise InvalidHeader(
+                    f'header {name} contains a line break that starts a new '
+                    f'header (header injection?): {str(value)[:60]!r}')
+        try:
+            return message.as_bytes(
+                policy=message.policy.clone(linesep='\r\n'))
+        except (email.errors.MessageError, ValueError) as e:
+            raise InvalidHeader(f'cannot serialise the message: {e}') \
+                from None
     raise MessageError(
         'message must be str, bytes or email.message.Message, not '
         f'{type(message).__name__}')

@@ -36,6 +36,9 @@ _HOST = (socket.gethostname() or 'localhost').replace(',', '_') \
 #: Claims by another host whose file was not touched for this long are
 #: taken back: that host's processor is presumed dead.
 CLAIM_LEASE = 600
+#: Unfinished writes by another host are removed after this long (Maildir's
+#: customary 36 hours).
+TMP_LIFETIME = 36 * 3600
 
 
 class QueueError(MailoutError):
@@ -228,8 +231,10 @@ class Queue:
         return moved
 
     def recover(self, now=None):
-        """Give claims of dead owners back to ``new/``; return how many."""
+        """Give claims of dead owners back to ``new/`` and remove their
+        unfinished writes from ``tmp/``; return how many claims came back."""
         now = time.time() if now is None else now
+        self._clean_tmp(now)
         recovered = 0
         for claimed in os.listdir(self._area('cur')):
             if self._owner_is_dead(claimed, now):
@@ -241,6 +246,29 @@ class Queue:
                     pass
         return recovered
 
+    def _clean_tmp(self, now):
+        # tmp/ holds writes of transactions that have not finished (named
+        # TIME.PID_RANDOM.HOST) and rewrites of claims (CLAIM.rewrite).
+        for name in os.listdir(self._area('tmp')):
+            path = self._area('tmp', name)
+            if name.endswith('.rewrite'):
+                dead = self._owner_is_dead(name[:-len('.rewrite')], now)
+            else:
+                try:
+                    _, pid_part, host = name.split('.', 2)
+                    pid = int(pid_part.split('_', 1)[0])
+                except ValueError:
+                    continue
+                if host == _HOST:
+                    dead = pid != os.getpid() and not _pid_alive(pid)
+                else:
+                    dead = now - _mtime(path, now) > TMP_LIFETIME
+            if dead:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
     def _owner_is_dead(self, claimed, now):
         try:
             _, host, pid, token = claimed.split(',')
@@ -248,11 +276,7 @@ class Queue:
         except ValueError:
             return True             # not a claim of ours: take it
         if host != _HOST:
-            try:
-                touched = os.stat(self._area('cur', claimed)).st_mtime
-            except FileNotFoundError:
-                return False
-            return now - touched > CLAIM_LEASE
+            return now - _mtime(self._area('cur', claimed), now) > CLAIM_LEASE
         if pid == os.getpid():
             with self._claims_lock:
                 return token != self._token or claimed not in self._claims
@@ -335,6 +359,13 @@ def _fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _mtime(path, default):
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return default
 
 
 def _pid_alive(pid):

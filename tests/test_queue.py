@@ -1,0 +1,176 @@
+"""The on-disk queue: states, claims, recovery, zope.sendmail's files."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import transaction
+
+from mailout import queue as queue_module
+from mailout.message import prepare
+from mailout.queue import Queue
+
+
+@pytest.fixture
+def queue(tmp_path):
+    return Queue(str(tmp_path / 'q'))
+
+
+def add(queue, n=1, to=('b@example.org',)):
+    names = [queue.write(prepare('a@example.org', list(to),
+                                 f'Subject: {i}\r\n\r\nbody\r\n'))
+             for i in range(n)]
+    queue.commit(names)
+    return names
+
+
+def files(queue, area):
+    return sorted(os.listdir(os.path.join(queue.path, area)))
+
+
+def test_write_commit_claim_done(queue):
+    """A message goes tmp/ -> new/ -> cur/ -> gone, one rename each."""
+    name = queue.write(prepare('a@example.org', ['b@example.org'],
+                               'Subject: x\r\n\r\nbody\r\n'))
+    assert files(queue, 'tmp') == [name] and files(queue, 'new') == []
+    queue.commit([name])
+    assert files(queue, 'tmp') == [] and queue.waiting() == [name]
+    claimed = queue.claim(name)
+    assert queue.claim(name) is None            # only one claim wins
+    message = queue.read(claimed)
+    assert (message.fromaddr, message.toaddrs) == ('a@example.org',
+                                                   ('b@example.org',))
+    assert message.message.endswith(b'Subject: x\r\n\r\nbody\r\n')
+    queue.done(claimed)
+    assert all(files(queue, area) == [] for area in queue_module.AREAS)
+
+
+def test_defer_keeps_history_and_waits(queue):
+    """Deferring rewrites recipients and history; promote_due honours the
+    time."""
+    [name] = add(queue, to=('b@example.org', 'c@example.org'))
+    claimed = queue.claim(name)
+    until = time.time() + 100
+    queue.defer(claimed, ('c@example.org',), '2026 451 later', until)
+    assert files(queue, 'deferred') == [name] and files(queue, 'cur') == []
+    assert queue.promote_due(now=until - 1) == 0
+    assert queue.promote_due(now=until) == 1
+    message = queue.read(queue.claim(name))
+    assert message.toaddrs == ('c@example.org',)
+    assert message.attempts == ('2026 451 later',)
+
+
+def test_fail_keeps_message_intact(queue):
+    """A failed message keeps its bytes, recipients and the reply."""
+    [name] = add(queue)
+    claimed = queue.claim(name)
+    original = queue.read(claimed).message
+    queue.fail(claimed, ('b@example.org',), '2026 550 no such user')
+    assert files(queue, 'failed') == [name]
+    with open(os.path.join(queue.path, 'failed', name), 'rb') as f:
+        data = f.read()
+    assert data.endswith(original)
+    assert b'X-Mailout-Attempt: 2026 550 no such user\r\n' in data
+
+
+def test_quarantine_unreadable(queue):
+    """An unreadable file moves to failed/ as it is, with the reason."""
+    path = os.path.join(queue.path, 'new', '1.1_x.host')
+    with open(path, 'wb') as f:
+        f.write(b'garbage without envelope')
+    claimed = queue.claim('1.1_x.host')
+    with pytest.raises(queue_module.QueueError):
+        queue.read(claimed)
+    queue.quarantine(claimed, 'no envelope')
+    assert files(queue, 'failed') == ['1.1_x.host', '1.1_x.host.reason']
+
+
+def test_recover_claim_of_dead_process(queue):
+    """A claim whose process died goes back to new/."""
+    [name] = add(queue)
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    claim = f'{name},{queue_module._HOST},{dead},deadbeef'
+    os.rename(os.path.join(queue.path, 'new', name),
+              os.path.join(queue.path, 'cur', claim))
+    assert queue.recover() == 1
+    assert queue.waiting() == [name]
+
+
+def test_recover_leaves_live_claims(queue):
+    """Claims of this process (held now) and of live processes stay."""
+    [name] = add(queue)
+    claimed = queue.claim(name)
+    assert queue.recover() == 0
+    assert files(queue, 'cur') == [claimed]
+
+
+def test_recover_stale_claim_of_own_pid(queue):
+    """A claim with this pid but not held by this process (pid reused after
+    a restart, as pid 1 in containers) goes back to new/."""
+    [name] = add(queue)
+    claim = f'{name},{queue_module._HOST},{os.getpid()},0ldt0ken'
+    os.rename(os.path.join(queue.path, 'new', name),
+              os.path.join(queue.path, 'cur', claim))
+    assert queue.recover() == 1
+
+
+def test_recover_other_host_after_lease(queue):
+    """Another host's claim comes back only once its lease expired."""
+    [name] = add(queue)
+    claim = f'{name},otherhost,123,abcd'
+    os.rename(os.path.join(queue.path, 'new', name),
+              os.path.join(queue.path, 'cur', claim))
+    assert queue.recover() == 0
+    later = time.time() + queue_module.CLAIM_LEASE + 1
+    assert queue.recover(now=later) == 1
+
+
+def test_recover_removes_unfinished_writes_of_dead_processes(queue):
+    """tmp/ files of dead writers go; our own in-progress writes stay."""
+    ours = queue.write(prepare('a@example.org', ['b@example.org'],
+                               'Subject: x\r\n\r\n'))
+    dead = f'{time.time_ns()}.999999999_abc.{queue_module._HOST}'
+    open(os.path.join(queue.path, 'tmp', dead), 'w').close()
+    queue.recover()
+    assert files(queue, 'tmp') == [ours]
+
+
+def test_zope_sendmail_queue_is_drained(tmp_path, sink):
+    """A queue written by zope.sendmail's QueuedMailDelivery is delivered
+    by mailout without loss."""
+    from zope.sendmail.delivery import QueuedMailDelivery
+
+    from mailout import config
+    from mailout.factories import build_all
+    path = str(tmp_path / 'q')
+    legacy = QueuedMailDelivery(path)
+    for i in range(3):
+        legacy.send('old@example.org', ['ann@example.org', 'bob@example.org'],
+                    f'From: old@example.org\nSubject: legacy {i}\n\nbody\n'
+                    .encode())
+    transaction.commit()
+    assert len(os.listdir(os.path.join(path, 'new'))) == 3
+    settings = config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{sink.port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {path}
+        </queued-delivery>
+    </mailout>''')
+    _, deliveries = build_all(settings)
+    assert deliveries['default'].processor.run_once() == 3
+    received = sink.messages()
+    assert len(received) == 3
+    for m in received:
+        assert m['mail_from'] == 'old@example.org'
+        assert m['rcpt_tos'] == ['ann@example.org', 'bob@example.org']
+        assert b'\r\nSubject: legacy ' in m['data']
+        assert b'X-Zope' not in m['data']
+    assert sorted(m['data'].split(b'Subject: ')[1][:8] for m in received) \
+        == [b'legacy 0', b'legacy 1', b'legacy 2']
+    assert os.listdir(os.path.join(path, 'new')) == []
