@@ -286,6 +286,10 @@ class Queue:
         with self._claims_lock:
             self._claims.discard(claimed)
 
+    def read_failed(self, name):
+        with open(self._area('failed', name), 'rb') as f:
+            return _parse(name, f.read())
+
     def _rewrite(self, claimed, toaddrs, attempt):
         # Replace the claimed file in place (write aside, rename over), so a
         # crash leaves either the old or the new version, never both.

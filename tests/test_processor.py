@@ -1,0 +1,202 @@
+"""The processor: outcomes, retries, failed mail and events."""
+import os
+import time
+
+import pytest
+import zope.event
+from zope.interface.verify import verifyObject
+
+from mailout import config
+from mailout.factories import build_all
+from mailout.interfaces import IMailDeferredEvent
+from mailout.interfaces import IMailFailedEvent
+from mailout.interfaces import IMailSentEvent
+from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import TransientDeliveryError
+from mailout.message import prepare
+from mailout.processor import Processor
+from mailout.processor import RetryPolicy
+from mailout.queue import Queue
+
+
+@pytest.fixture
+def events():
+    seen = []
+    zope.event.subscribers.append(seen.append)
+    yield seen
+    zope.event.subscribers.remove(seen.append)
+
+
+def enqueue(queue, to=('ann@example.org',), subject='x'):
+    name = queue.write(prepare('app@example.org', list(to),
+                               f'Subject: {subject}\r\n\r\nbody\r\n'))
+    queue.commit([name])
+    return name
+
+
+def area(queue, name):
+    return sorted(os.listdir(os.path.join(queue.path, name)))
+
+
+def processor_for(tmp_path, port, **options):
+    settings = config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{port}
+          tls none
+          timeout 3s
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/q
+          processor off
+        </queued-delivery>
+    </mailout>''')
+    mailers, deliveries = build_all(settings)
+    queue = deliveries['default'].queue
+    return Processor(queue, mailers['relay'], **options), queue
+
+
+def test_partial_refusal(tmp_path, start_sink, events):
+    """Accepted recipients get it once; a 5xx-refused one fails with the
+    reply; a 4xx-refused one is deferred alone; each outcome is an event."""
+    sink = start_sink('--refuse', 'bob@example.org=550 5.1.1 no such user',
+                      '--refuse', 'carl@example.org=450 4.2.1 mailbox busy')
+    processor, queue = processor_for(tmp_path, sink.port)
+    name = enqueue(queue, to=('ann@example.org', 'bob@example.org',
+                              'carl@example.org'))
+    before = time.time()
+    processor.run_once()
+    [received] = sink.messages()
+    assert received['rcpt_tos'] == ['ann@example.org']
+    assert area(queue, 'failed') == [name] and area(queue, 'deferred') == [name]
+    with open(os.path.join(queue.path, 'failed', name), 'rb') as f:
+        failed = f.read()
+    assert b'X-Mailout-To: bob@example.org\r\n' in failed
+    assert b'550 5.1.1 no such user' in failed
+    deferred_path = os.path.join(queue.path, 'deferred', name)
+    with open(deferred_path, 'rb') as f:
+        deferred = f.read()
+    assert b'X-Mailout-To: carl@example.org\r\n' in deferred
+    assert b'ann@' not in deferred.split(b'\r\n\r\n')[0]
+    assert os.stat(deferred_path).st_mtime >= before + 300   # min-backoff
+    sent, failed_event, deferred_event = events
+    assert IMailSentEvent.providedBy(sent) and verifyObject(IMailSentEvent,
+                                                            sent)
+    assert sent.toaddrs == ('ann@example.org',)
+    assert verifyObject(IMailFailedEvent, failed_event)
+    assert failed_event.toaddrs == ('bob@example.org',)
+    assert failed_event.reply == (550, '5.1.1 no such user')
+    assert verifyObject(IMailDeferredEvent, deferred_event)
+    assert deferred_event.reply == (450, '4.2.1 mailbox busy')
+    assert sent.message_id == failed_event.message_id
+
+
+class ScriptedMailer:
+    """A test double: answers each send with the next scripted outcome."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.sent = []
+
+    def send(self, fromaddr, toaddrs, message):
+        outcome = self.outcomes.pop(0) if self.outcomes else {}
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.sent.append(toaddrs)
+        return outcome
+
+    def close(self):
+        pass
+
+
+def test_backoff_doubles_up_to_max_then_succeeds(tmp_path, events):
+    """Transient failures defer with doubling backoff capped at max-backoff;
+    the message goes out when the relay recovers."""
+    queue = Queue(str(tmp_path / 'q'))
+    down = TransientDeliveryError((None, 'Connection refused'))
+    mailer = ScriptedMailer(down, down, down, down, {})
+    processor = Processor(queue, mailer,
+                          retry=RetryPolicy(min_backoff=10, max_backoff=25))
+    name = enqueue(queue)
+    waits = []
+    for attempt in range(4):
+        now = time.time()
+        processor.run_once()
+        path = os.path.join(queue.path, 'deferred', name)
+        waits.append(round(os.stat(path).st_mtime - now))
+        queue.promote_due(now=time.time() + 1000)
+    assert waits == [10, 20, 25, 25]
+    processor.run_once()
+    assert mailer.sent == [('ann@example.org',)]
+    assert all(area(queue, a) == [] for a in ('new', 'cur', 'deferred',
+                                              'failed'))
+    assert [type(e).__name__ for e in events] == ['MailDeferredEvent'] * 4 \
+        + ['MailSentEvent']
+
+
+def test_expired_message_fails_with_history(tmp_path, events):
+    """A message still failing after max-lifetime fails for good, with every
+    attempt kept beside it."""
+    queue = Queue(str(tmp_path / 'q'))
+    down = TransientDeliveryError((451, '4.3.0 try later'))
+    processor = Processor(queue, ScriptedMailer(down, down),
+                          retry=RetryPolicy(min_backoff=1, max_backoff=1,
+                                            max_lifetime=0.5))
+    name = enqueue(queue)
+    processor.run_once()
+    assert area(queue, 'deferred') == [name]
+    time.sleep(0.6)
+    queue.promote_due(now=time.time() + 10)
+    processor.run_once()
+    assert area(queue, 'failed') == [name]
+    message = queue.read_failed(name)
+    assert len(message.attempts) == 2
+    assert 'gave up after' in message.attempts[-1]
+    assert IMailFailedEvent.providedBy(events[-1])
+
+
+def test_deferred_message_does_not_block_others(tmp_path):
+    """One deferred message does not hold up the ones behind it."""
+    queue = Queue(str(tmp_path / 'q'))
+    mailer = ScriptedMailer(TransientDeliveryError((421, 'busy')), {}, {})
+    processor = Processor(queue, mailer)
+    first = enqueue(queue, to=('first@example.org',))
+    enqueue(queue, to=('second@example.org',))
+    enqueue(queue, to=('third@example.org',))
+    assert processor.run_once() == 3
+    assert mailer.sent == [('second@example.org',), ('third@example.org',)]
+    assert area(queue, 'deferred') == [first]
+
+
+def test_permanent_error_fails_whole_message(tmp_path, events):
+    """A 5xx for the whole message moves it to failed/ with the reply."""
+    queue = Queue(str(tmp_path / 'q'))
+    processor = Processor(queue, ScriptedMailer(
+        PermanentDeliveryError((554, '5.7.1 rejected as spam'))))
+    name = enqueue(queue, to=('a@example.org', 'b@example.org'))
+    processor.run_once()
+    assert area(queue, 'failed') == [name]
+    assert queue.read_failed(name).toaddrs == ('a@example.org',
+                                               'b@example.org')
+    assert events[-1].reply == (554, '5.7.1 rejected as spam')
+
+
+def test_unexpected_mailer_error_defers(tmp_path):
+    """A bug-like exception in the mailer defers (never loses) the
+    message."""
+    queue = Queue(str(tmp_path / 'q'))
+    processor = Processor(queue, ScriptedMailer(RuntimeError('boom')))
+    name = enqueue(queue)
+    processor.run_once()
+    assert area(queue, 'deferred') == [name]
+
+
+def test_relay_down_defers_everything_quickly(tmp_path):
+    """With the relay down, every message is deferred and nothing is lost.
+    """
+    processor, queue = processor_for(tmp_path, 1)
+    names = [enqueue(queue) for _ in range(5)]
+    start = time.monotonic()
+    processor.run_once()
+    assert time.monotonic() - start < 5
+    assert area(queue, 'deferred') == sorted(names)
