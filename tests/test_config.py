@@ -118,3 +118,15 @@ def test_key_errors_carry_file_and_line(tmp_path):
     with pytest.raises(ZConfig.DataConversionError) as info:
         config.load(str(path))
     assert 'line 3' in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize('text, seconds', [
+    ('30', 30), ('0.5s', 0.5), ('5m', 300), ('1h 30m', 5400), ('5d', 432000)])
+def test_durations(text, seconds):
+    """Time keys take seconds or suffixed parts, fractions included."""
+    assert config.duration(text) == seconds
+
+
+def test_bad_duration():
+    with pytest.raises(ZConfig.DataConversionError, match='not a duration'):
+        loads('<smtp-mailer relay>\n timeout soonish\n</smtp-mailer>')

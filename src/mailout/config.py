@@ -24,6 +24,20 @@ def tls_mode(value):
     return value
 
 
+def duration(value):
+    """Datatype of time keys: seconds, or parts like ``1d 2h 3m 4.5s``;
+    returns seconds as a float."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return ZConfig.datatypes.timedelta(value).total_seconds()
+    except (TypeError, ValueError):
+        raise ValueError(f'not a duration: {value!r} (examples: 30s, '
+                         '0.5s, 5m, 1h 30m, 5d)') from None
+
+
 def relay_host(value):
     """Datatype of a ``host`` line: ``host`` or ``host:port`` ->
     ``(host, port or None)``."""
