@@ -94,6 +94,35 @@ def test_display_name_form_is_accepted():
     ('a@x.org', ['b@x.org'], msg('Message-Id: <a@x>\nMessage-ID: <b@x>\n\n'),
      mailout.InvalidMessageId, 'more than one'),
     ('a@x.org', ['b@x.org'], 42, mailout.MessageError, 'not int'),
+    ('a@x.org', ['b@x.org'], ['Subject: x'], mailout.MessageError,
+     'not list'),
+    ('a@x.org', None, GOOD, mailout.InvalidRecipient, 'not NoneType'),
+    ('a@x.org', [42], GOOD, mailout.InvalidRecipient, 'must be a string'),
+    ('a@x.org, b@x.org', ['c@x.org'], GOOD, mailout.InvalidSender,
+     'not a valid'),
+    ('<>', ['c@x.org'], GOOD, mailout.InvalidSender, 'not an address'),
+    ('a@x.org.', ['c@x.org'], GOOD, mailout.InvalidSender, 'not a valid'),
+    ('a..b@x.org', ['c@x.org'], GOOD, mailout.InvalidSender, 'not a valid'),
+    ('a@x.org', ['@x.org'], GOOD, mailout.InvalidRecipient, 'not a valid'),
+    ('a@x.org', ['b@'], GOOD, mailout.InvalidRecipient, 'not a valid'),
+    ('a@x.org', ['x' * 65 + '@x.org'], GOOD, mailout.InvalidRecipient,
+     'not a valid'),
+    ('a@x.org', ['b@' + 'x' * 60 + '.' + 'y' * 60 + '.' + 'z' * 60 + '.'
+                 + 'w' * 60 + '.' + 'v' * 60 + '.org'], GOOD, mailout.InvalidRecipient,
+     'not a valid'),
+    ('ü@x.org', ['b@x.org'], GOOD, mailout.NonASCIIAddress, 'smtputf8'),
+    ('a@x.org', ['b@x.org'], msg(' folded first\nSubject: x\n\n'),
+     mailout.InvalidHeader, 'first line'),
+    ('a@x.org', ['b@x.org'], msg('Subject : x\n\nbody'),
+     mailout.InvalidHeader, 'malformed'),
+    ('a@x.org', ['b@x.org'], msg('Subject: a\0b\n\nbody'),
+     mailout.InvalidHeader, 'NUL'),
+    ('a@x.org', ['b@x.org'], msg('Subject: x\n\n' + 'y' * 999 + '\n'),
+     mailout.LineTooLong, '999 bytes'),
+    ('a@x.org', ['b@x.org'], msg('Message-Id: <a b@x>\n\nbody'),
+     mailout.InvalidMessageId, 'malformed'),
+    ('a@x.org', ['b@x.org'], msg('Message-Id: <>\n\nbody'),
+     mailout.InvalidMessageId, 'malformed'),
 ])
 def test_bad_input(fromaddr, toaddrs, message, error, text):
     """Each kind of bad input raises its specific MailoutError subclass."""
@@ -101,9 +130,53 @@ def test_bad_input(fromaddr, toaddrs, message, error, text):
         prepare(fromaddr, toaddrs, message)
 
 
+def injected(header, value):
+    m = email.message.Message()     # compat32 lets the value in unchecked
+    m[header] = value
+    m.set_payload('body')
+    return m
+
+
+@pytest.mark.parametrize('header, value', [
+    ('Subject', 'hi\r\nBcc: victim@example.org'),
+    ('To', '"Evil\r\nBcc: victim@example.org" <a@example.org>'),
+    ('From', 'Name\nX-Injected: yes <a@example.org>'),
+    ('Subject', 'hi\rBcc: victim@example.org'),
+])
+def test_header_injection(header, value):
+    """A header value that would start a new header is refused."""
+    with pytest.raises(mailout.InvalidHeader, match='header injection'):
+        prepare('a@example.org', ['b@example.org'], injected(header, value))
+
+
+def test_folded_header_value_is_fine():
+    m = injected('Subject', 'a long\r\n folded subject')
+    assert b'folded subject' in prepare('a@x.org', ['b@x.org'], m).message
+
+
+@pytest.mark.parametrize('address', [
+    '"john doe"@example.org', 'a+tag@example.org', 'a@[127.0.0.1]',
+    'user@localhost', b'bytes@example.org', '<angle@example.org>',
+    "o'brien@example.org"])
+def test_unusual_but_valid_addresses(address):
+    """Valid addr-specs of less common shapes are accepted."""
+    envelope = prepare('a@example.org', [address], GOOD)
+    assert envelope.toaddrs[0].strip('<>') == (
+        address.decode() if isinstance(address, bytes) else address
+    ).strip('<>')
+
+
+def test_non_ascii_addresses_with_smtputf8():
+    """With the mailer's smtputf8 on, internationalised addresses pass."""
+    envelope = prepare('josé@exämple.org', ['用户@例子.广告'], GOOD,
+                       smtputf8=True)
+    assert envelope.toaddrs == ('用户@例子.广告',)
+
+
 def test_too_large():
     with pytest.raises(mailout.MessageTooLarge, match='max-message-size'):
-        prepare('a@x.org', ['b@x.org'], GOOD + b'x' * 1000, max_size=1000)
+        prepare('a@x.org', ['b@x.org'], GOOD + b'xx\r\n' * 250,
+                max_size=1000)
 
 
 def test_envelope_from_headers(sink, config_file):

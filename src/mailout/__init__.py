@@ -13,6 +13,7 @@ from mailout.interfaces import InvalidHeader  # noqa: F401
 from mailout.interfaces import InvalidMessageId  # noqa: F401
 from mailout.interfaces import InvalidRecipient  # noqa: F401
 from mailout.interfaces import InvalidSender  # noqa: F401
+from mailout.interfaces import LineTooLong  # noqa: F401
 from mailout.interfaces import MailoutError  # noqa: F401
 from mailout.interfaces import MessageError  # noqa: F401
 from mailout.interfaces import MessageTooLarge  # noqa: F401
@@ -27,7 +28,7 @@ __all__ = [
     'send', 'send_message',
     'MailoutError', 'MessageError', 'InvalidAddress', 'InvalidSender',
     'InvalidRecipient', 'NoRecipients', 'NonASCIIAddress', 'InvalidHeader',
-    'InvalidMessageId', 'MessageTooLarge', 'DeliveryError',
+    'InvalidMessageId', 'LineTooLong', 'MessageTooLarge', 'DeliveryError',
     'TransientDeliveryError', 'PermanentDeliveryError',
 ]
 

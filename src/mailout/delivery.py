@@ -43,8 +43,9 @@ class _Delivery:
     def send(self, fromaddr, toaddrs, message):
         """Send ``message`` if the current transaction commits; return its
         Message-Id (without angle brackets)."""
-        envelope = _message.prepare(fromaddr, toaddrs, message,
-                                    self.max_message_size)
+        envelope = _message.prepare(
+            fromaddr, toaddrs, message, self.max_message_size,
+            smtputf8=getattr(self.mailer, 'smtputf8', False))
         self._data_manager().envelopes.append(envelope)
         return envelope.message_id
 

@@ -90,6 +90,11 @@ class InvalidMessageId(InvalidHeader):
     """The Message-Id header is not of the form ``<left@right>``."""
 
 
+class LineTooLong(MessageError):
+    """A line is longer than SMTP's 998 bytes (RFC 5321 section 4.5.3.1.6).
+    """
+
+
 class MessageTooLarge(MessageError):
     """The message exceeds the delivery's ``max-message-size``."""
 

@@ -18,6 +18,7 @@ from mailout.interfaces import InvalidHeader
 from mailout.interfaces import InvalidMessageId
 from mailout.interfaces import InvalidRecipient
 from mailout.interfaces import InvalidSender
+from mailout.interfaces import LineTooLong
 from mailout.interfaces import MessageError
 from mailout.interfaces import MessageTooLarge
 from mailout.interfaces import NoRecipients
@@ -44,14 +45,15 @@ class Envelope:
     message_id: str     # without angle brackets, as zope.sendmail returns it
 
 
-def prepare(fromaddr, toaddrs, message, max_size=None):
+def prepare(fromaddr, toaddrs, message, max_size=None, smtputf8=False):
     """Check and normalise one message; return an `Envelope`.
 
     ``message`` is ``str``, ``bytes`` or an ``email.message.Message``.
+    Non-ASCII addresses pass only with ``smtputf8`` (the mailer's setting).
     Raises a `MessageError` subclass naming what is wrong.
     """
-    fromaddr = check_address(fromaddr, InvalidSender, 'sender')
-    toaddrs = check_recipients(toaddrs)
+    fromaddr = check_address(fromaddr, InvalidSender, 'sender', smtputf8)
+    toaddrs = check_recipients(toaddrs, smtputf8)
     data = normalise_line_endings(_as_bytes(message))
     header, body = _split(data)
     fields = _fields(header)
@@ -64,6 +66,7 @@ def prepare(fromaddr, toaddrs, message, max_size=None):
         added += b'Date: %s\r\n' % email.utils.formatdate().encode()
     kept = b''.join(raw for name, raw in fields if name != b'bcc')
     data = added + kept + body
+    _check_line_length(data)
     if max_size and len(data) > max_size:
         raise MessageTooLarge(
             f'message is {len(data)} bytes, over this delivery\'s '
@@ -88,7 +91,7 @@ def recipients_from_headers(msg):
     return _addresses(msg, 'To', 'Cc', 'Bcc')
 
 
-def check_address(address, error, role):
+def check_address(address, error, role, smtputf8=False):
     """Return ``address`` as a bare addr-spec or raise ``error``."""
     if isinstance(address, bytes):
         address = address.decode('ascii', 'replace')
@@ -104,19 +107,21 @@ def check_address(address, error, role):
         address = parsed
     if not address:
         raise error(f'{role} is empty')
-    if not address.isascii():
+    if not address.isascii() and not smtputf8:
         raise NonASCIIAddress(
-            f'{role} {address!r} is not ASCII; mailout does not send '
-            'SMTPUTF8 addresses')
+            f'{role} {address!r} is not ASCII: that needs SMTPUTF8; turn on '
+            "smtputf8 in the mailer's section if its relay offers it")
     local, _, domain = address.rpartition('@')
-    if not _ADDR_SPEC.match(address) or len(local) > 64 \
-            or len(address) > 254:
+    # Non-ASCII letters (SMTPUTF8, RFC 6531) count as letters.
+    ascii_form = ''.join(c if c.isascii() else 'a' for c in address)
+    if not _ADDR_SPEC.match(ascii_form) or len(local.encode()) > 64 \
+            or len(address.encode()) > 254:
         raise error(f'{role} {address!r} is not a valid address '
                     '(expected local-part@domain)')
     return address
 
 
-def check_recipients(toaddrs):
+def check_recipients(toaddrs, smtputf8=False):
     if isinstance(toaddrs, (str, bytes)):
         raise InvalidRecipient(
             f'toaddrs must be a list of addresses, not a string: {toaddrs!r}')
@@ -128,7 +133,7 @@ def check_recipients(toaddrs):
             f'{type(toaddrs).__name__}') from None
     if not toaddrs:
         raise NoRecipients('no recipients')
-    checked = (check_address(a, InvalidRecipient, 'recipient')
+    checked = (check_address(a, InvalidRecipient, 'recipient', smtputf8)
                for a in toaddrs)
     return tuple(dict.fromkeys(checked))     # in order, without repeats
 
@@ -171,6 +176,15 @@ def normalise_line_endings(data):
     return _LINE_ENDING.sub(b'\r\n', data)
 
 
+def _check_line_length(data):
+    longest = max(map(len, data.split(b'\r\n')))
+    if longest > 998:
+        raise LineTooLong(
+            f'a line of the message is {longest} bytes; SMTP allows 998. '
+            'Encode the body (quoted-printable or base64), e.g. by building '
+            'it with email.message.EmailMessage.set_content()')
+
+
 def _split(data):
     """Header block (each line with its CRLF) and the rest (blank line and
     body)."""
@@ -184,6 +198,8 @@ def _fields(header):
     """``[(lowercase name, raw lines)]`` of a header block."""
     fields = []
     for line in header.splitlines(keepends=True):
+        if b'\0' in line:
+            raise InvalidHeader(f'header line contains NUL: {line[:60]!r}')
         if line[:1] in (b' ', b'\t') and fields:
             name, raw = fields[-1]
             fields[-1] = (name, raw + line)

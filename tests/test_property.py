@@ -1,0 +1,68 @@
+"""Property: what send() accepts reaches the relay byte for byte, but for
+the documented normalisation (CRLF line endings, Message-Id and Date added
+when missing, Bcc removed)."""
+import re
+
+import transaction
+from hypothesis import HealthCheck
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from mailout import config
+from mailout.factories import build_all
+from mailout.interfaces import MessageError
+
+header_names = st.from_regex(r'\A[A-Za-z][A-Za-z0-9-]{0,15}\Z') | \
+    st.sampled_from(['Bcc', 'BCC', 'Message-Id', 'Date', 'Subject', 'To'])
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126),
+                        max_size=60)
+headers = st.lists(st.tuples(header_names, header_values), min_size=1,
+                   max_size=8)
+line_endings = st.sampled_from(['\n', '\r\n', '\r'])
+body_lines = st.lists(st.text(st.characters(exclude_characters='\r\n'),
+                              max_size=120), max_size=10)
+
+
+def expected_bytes(header_list, lines):
+    kept = ''.join(f'{n}:{v}\r\n' for n, v in header_list
+                   if n.lower() != 'bcc')
+    return (kept + '\r\n' + ''.join(f'{line}\r\n' for line in lines)) \
+        .encode('utf-8')
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header_list=headers, lines=body_lines, eol=line_endings,
+       as_bytes=st.booleans())
+def test_accepted_message_arrives_unchanged(_session_sink, tmp_path,
+                                            header_list, lines, eol,
+                                            as_bytes):
+    """Any message send() accepts arrives with the same bytes."""
+    sink = _session_sink
+    sink.clear()
+    text = ''.join(f'{n}:{v}{eol}' for n, v in header_list) + eol \
+        + ''.join(line + eol for line in lines)
+    _, deliveries = build_all(config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{sink.port}
+          tls none
+        </smtp-mailer>
+        <direct-delivery urgent>
+          mailer relay
+        </direct-delivery>
+    </mailout>'''))
+    try:
+        deliveries['urgent'].send('a@example.org', ['b@example.org'],
+                                  text.encode() if as_bytes else text)
+    except MessageError:
+        transaction.abort()
+        assume(False)
+    transaction.commit()
+    [received] = sink.messages()
+    expected = expected_bytes(header_list, lines)
+    assert received['data'].endswith(expected)
+    added = received['data'][:-len(expected)].decode()
+    assert re.fullmatch(r'(Message-Id: <[^>]+>\r\n)?(Date: [^\r]+\r\n)?',
+                        added)
