@@ -28,9 +28,12 @@ setup(
         'test': [
             'aiosmtpd',
             'hypothesis',
+            'Paste',            # the translogger in mkwsgiinstance's zope.ini
             'pytest',
             'trustme',
+            'Zope',             # tests/test_zope.py runs a real instance
             'zope.testing',
+            'zope.testrunner',
         ],
     },
     entry_points={

@@ -1,0 +1,316 @@
+"""mailout inside a real Zope 6 instance: zope.conf sections, ZCML, startup.
+
+Each test makes zope.conf from the one `mkwsgiinstance` wrote, and loads it
+with Zope's own code (the steps of Zope2.Startup.run.make_wsgi_app).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.request
+
+import App.config
+import pytest
+import ZConfig
+from App import FindHomes
+from zope.component import getUtility
+from zope.configuration import xmlconfig
+from Zope2.Startup.handlers import handleWSGIConfig
+from Zope2.Startup.options import ZopeWSGIOptions
+
+import mailout.config
+from helpers import write_config
+from mailout.delivery import DirectDelivery
+from mailout.delivery import QueuedDelivery
+from mailout.interfaces import IMailDelivery
+from mailout.interfaces import IMailer
+from mailout.mailers import SMTPMailer
+
+
+
+def zope_script(module, *args):
+    """The command running ``main(*args)`` of Zope's console script module
+    with sys.executable: found in a venv and a buildout (where that may be
+    bin/python, which takes no arguments after -c or -m)."""
+    argv = [str(arg) for arg in args]
+    return [sys.executable, '-c', f'import sys; sys.argv[1:] = {argv!r}; '
+                                  f'from {module} import main; '
+                                  'sys.exit(main())']
+
+ZCML = '''<configure xmlns="http://namespaces.zope.org/zope"
+                     xmlns:mail="http://namespaces.zope.org/mailout">
+  <include package="mailout" file="meta.zcml" />
+  {}
+</configure>'''
+
+SECTION = '''
+<mailout mailout>
+  <smtp-mailer relay>
+    host smtp.internal.example
+    port 587
+    tls starttls
+    username zope
+    password-file $INSTANCE/etc/smtp-password
+  </smtp-mailer>
+  <queued-delivery default>
+    mailer relay
+    queue-path $INSTANCE/var/mailqueue
+  </queued-delivery>
+  <direct-delivery urgent>
+    mailer relay
+  </direct-delivery>
+</mailout>
+'''
+
+
+@pytest.fixture(scope='module')
+def template(tmp_path_factory):
+    """An instance made by Zope's mkwsgiinstance, copied by `instance`."""
+    path = tmp_path_factory.mktemp('zope') / 'template'
+    subprocess.run(zope_script('Zope2.utilities.mkwsgiinstance',
+                               '-d', path, '-u', 'admin:admin'),
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def instance(template, tmp_path):
+    """A fresh instance directory with an SMTP password file."""
+    path = tmp_path / 'instance'
+    shutil.copytree(template, path)
+    for name in ('zope.conf', 'zope.ini'):
+        conf = path / 'etc' / name
+        conf.write_text(conf.read_text().replace(str(template), str(path)))
+    (path / 'etc' / 'smtp-password').write_text('secret\n')
+    return path
+
+
+@pytest.fixture(autouse=True)
+def zope_state(monkeypatch):
+    """Put back what loading zope.conf changes: App.config's configuration,
+    the homes and environment variables, HTTPRequest's retry count."""
+    def reset():
+        monkeypatch.setattr(App.config, '_config', config)
+        for name in ('INSTANCE_HOME', 'CLIENT_HOME', 'CHAMELEON_CACHE',
+                     'MAILOUT_CONFIG'):
+            monkeypatch.delenv(name, raising=False)
+    config = App.config._config
+    monkeypatch.setattr(FindHomes, 'INSTANCE_HOME', FindHomes.INSTANCE_HOME)
+    monkeypatch.setattr(FindHomes, 'CLIENT_HOME', FindHomes.CLIENT_HOME)
+    reset()
+    # The first import of ZPublisher.HTTPRequest installs a
+    # DefaultConfiguration and sets $INSTANCE_HOME and $CLIENT_HOME.
+    from ZPublisher.HTTPRequest import HTTPRequest
+    monkeypatch.setattr(HTTPRequest, 'retry_max_count',
+                        HTTPRequest.retry_max_count)
+    reset()
+
+
+def write_zope_conf(instance, text, imports=True):
+    """etc/zope.conf of ``instance`` with ``text`` appended (and
+    ``%import mailout`` first); its path."""
+    conf = instance / 'etc' / 'zope.conf'
+    base = conf.read_text()
+    conf.write_text(('%import mailout\n' if imports else '') + base + text)
+    return str(conf)
+
+
+def configure_zope(path):
+    """Load zope.conf as Zope2.Startup.run.make_wsgi_app does."""
+    opts = ZopeWSGIOptions(configfile=path)()
+    handleWSGIConfig(opts.configroot, opts.confighandlers)
+    App.config.setConfiguration(opts.configroot)
+    return opts.configroot
+
+
+def line_of(path, text):
+    with open(path) as f:
+        return next(n for n, line in enumerate(f, 1) if text in line)
+
+
+def test_zope_conf_section_registers_utilities(instance):
+    """A named <mailout> section in zope.conf feeds <mail:deliveries/>."""
+    cfg = configure_zope(write_zope_conf(instance, SECTION))
+    assert isinstance(cfg.product_config['mailout'],
+                      mailout.config.MailoutSettings)
+
+    xmlconfig.string(ZCML.format('<mail:deliveries />'))
+
+    default = getUtility(IMailDelivery, 'default')
+    relay = getUtility(IMailer, 'relay')
+    assert isinstance(default, QueuedDelivery)
+    assert default.queuePath == os.path.realpath(
+        instance / 'var' / 'mailqueue')
+    assert isinstance(getUtility(IMailDelivery, 'urgent'), DirectDelivery)
+    assert isinstance(relay, SMTPMailer)
+    assert default.mailer is relay
+    assert relay.settings.relays == (('smtp.internal.example', 587),)
+    assert relay.settings.tls == 'starttls'
+    assert relay.settings.read_password() == 'secret'
+    _, source = mailout.config.find()
+    assert source == 'zope.conf, section <mailout mailout>'
+
+
+def test_zope_conf_section_feeds_one_delivery(instance):
+    """<mail:delivery name=.../> finds its delivery in zope.conf too."""
+    configure_zope(write_zope_conf(instance, SECTION))
+    xmlconfig.string(ZCML.format('<mail:delivery name="urgent" />'))
+    assert isinstance(getUtility(IMailDelivery, 'urgent'), DirectDelivery)
+    assert isinstance(getUtility(IMailer, 'relay'), SMTPMailer)
+
+
+def test_product_config_names_a_config_file(instance, tmp_path):
+    """<product-config mailout> config-file ... needs no %import."""
+    standalone = write_config(tmp_path / 'mailout.conf', f'''
+        <smtp-mailer relay>
+          host relay.example
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/queue
+        </queued-delivery>
+    ''')
+    cfg = configure_zope(write_zope_conf(instance, textwrap.dedent(f'''
+        <product-config mailout>
+          config-file {standalone}
+        </product-config>
+    '''), imports=False))
+    assert cfg.product_config['mailout'] == {'config-file': standalone}
+
+    xmlconfig.string(ZCML.format('<mail:deliveries />'))
+
+    default = getUtility(IMailDelivery, 'default')
+    assert default.queuePath == os.path.realpath(tmp_path / 'queue')
+    assert default.mailer is getUtility(IMailer, 'relay')
+    assert mailout.config.find()[1] == standalone
+
+
+def test_unnamed_section_is_rejected_by_zope(instance):
+    """Zope refuses <mailout> without a name, with the file and line."""
+    path = write_zope_conf(instance, SECTION.replace('<mailout mailout>',
+                                                     '<mailout>'))
+    with pytest.raises(ZConfig.ConfigurationSyntaxError) as info:
+        configure_zope(path)
+    message = str(info.value)
+    assert "None is not an allowed name for 'zope.product.base'" in message
+    assert f'line {line_of(path, "<mailout>")}' in message
+    assert path in message
+
+
+def test_bad_value_names_file_and_line(instance):
+    """A bad key value fails at load, naming the zope.conf file and line."""
+    path = write_zope_conf(instance, SECTION.replace('tls starttls',
+                                                     'tls bogus'))
+    with pytest.raises(ZConfig.DataConversionError) as info:
+        configure_zope(path)
+    message = str(info.value)
+    assert "tls must be one of" in message and "'bogus'" in message
+    assert f'line {line_of(path, "tls bogus")}' in message
+    assert path in message
+
+
+def test_unknown_mailer_names_delivery_and_mailer(instance):
+    """A delivery naming an unknown mailer fails at load, naming both."""
+    path = write_zope_conf(instance, SECTION.replace(
+        '<direct-delivery urgent>\n    mailer relay',
+        '<direct-delivery urgent>\n    mailer nosuch'))
+    with pytest.raises(ZConfig.ConfigurationError,
+                       match="delivery 'urgent' names unknown mailer "
+                             "'nosuch'"):
+        configure_zope(path)
+
+
+def test_imported_but_unconfigured_zope_is_left_alone(monkeypatch):
+    """find() with Zope imported but not configured installs nothing."""
+    monkeypatch.setattr(App.config, '_config', None)
+    with pytest.raises(ZConfig.ConfigurationError,
+                       match='no mailout configuration'):
+        mailout.config.find()
+    assert App.config._config is None
+    assert 'INSTANCE_HOME' not in os.environ
+
+
+SCRIPT = '''\
+import os, time, transaction
+from zope.component import getUtility
+from mailout.interfaces import IMailDelivery
+default = getUtility(IMailDelivery, 'default')
+print('delivery', type(default).__name__, default.queuePath)
+print('running', default.processor.running)
+default.send('zope@example.org', ['ann@example.org'],
+             b'Subject: from Zope\\r\\n\\r\\nHi.\\r\\n')
+transaction.commit()
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and not any(
+        n.endswith('.json') for n in os.listdir(os.environ['SINK_DIR'])):
+    time.sleep(0.01)
+'''
+
+
+def set_up_site(instance, sink):
+    """zope.conf relaying to ``sink``, and ZCML in etc/package-includes as a
+    site adds it; the zope.conf path."""
+    path = write_zope_conf(instance, SECTION.replace(
+        'host smtp.internal.example\n    port 587\n    tls starttls\n'
+        '    username zope\n    password-file $INSTANCE/etc/smtp-password',
+        f'host 127.0.0.1:{sink.port}\n    tls none'))
+    includes = instance / 'etc' / 'package-includes'
+    includes.mkdir()
+    (includes / 'mailout-meta.zcml').write_text(
+        '<include package="mailout" file="meta.zcml" '
+        'xmlns="http://namespaces.zope.org/zope" />')
+    (includes / 'mailout-configure.zcml').write_text(
+        ZCML.format('<include package="mailout" /> <mail:deliveries />'))
+    return path
+
+
+def test_zope_startup_delivers_mail(instance, sink):
+    """Zope's own startup (zconsole) registers utilities that deliver."""
+    path = set_up_site(instance, sink)
+    script = instance / 'script.py'
+    script.write_text(SCRIPT)
+
+    result = subprocess.run(
+        zope_script('Zope2.utilities.zconsole', 'run', path, script),
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, SINK_DIR=sink.directory))
+
+    assert result.returncode == 0, result.stderr
+    queue = os.path.realpath(instance / 'var' / 'mailqueue')
+    assert result.stdout.splitlines() == [
+        f'delivery QueuedDelivery {queue}', 'running True']
+    [sent] = sink.messages()
+    assert b'Subject: from Zope' in sent['data']
+
+
+def test_runwsgi_serves_and_runs_the_processor(instance, sink):
+    """runwsgi serves HTTP with the processor started; SIGINT stops it."""
+    set_up_site(instance, sink)
+    ini = instance / 'etc' / 'zope.ini'
+    ini.write_text(ini.read_text().replace('port = 8080', 'port = 0'))
+    server = subprocess.Popen(
+        zope_script('Zope2.Startup.serve', ini),
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        output = []
+        for line in server.stderr:          # ends if the server dies
+            output.append(line)
+            if 'Serving on http://' in line:
+                url = line.split('Serving on ')[1].strip()
+                break
+        else:
+            pytest.fail('runwsgi did not start:\n' + ''.join(output))
+        with urllib.request.urlopen(url + '/', timeout=10) as response:
+            assert response.status == 200
+        server.send_signal(signal.SIGINT)
+        _, rest = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    output = ''.join(output) + rest
+    assert server.returncode == 0, output
+    assert "started <Processor 'default'" in output
+    assert "stopped <Processor 'default'" in output
