@@ -200,3 +200,16 @@ def test_relay_down_defers_everything_quickly(tmp_path):
     processor.run_once()
     assert time.monotonic() - start < 5
     assert area(queue, 'deferred') == sorted(names)
+
+
+def test_rate_limit_spaces_messages(tmp_path):
+    """With ``rate 5`` the processor sends no more than 5 a second after a
+    burst of one second's worth."""
+    queue = Queue(str(tmp_path / 'q'))
+    mailer = ScriptedMailer()
+    processor = Processor(queue, mailer, rate=5)
+    for i in range(10):
+        enqueue(queue, subject=str(i))
+    start = time.monotonic()
+    assert processor.run_once() == 10
+    assert time.monotonic() - start >= 0.9

@@ -30,6 +30,7 @@ def build_processor(settings, queue, mailer):
     return Processor(queue, mailer, name=settings.name,
                      poll_interval=settings.poll_interval,
                      connections=settings.connections,
+                     rate=settings.rate,
                      retry=RetryPolicy(settings.min_backoff,
                                        settings.max_backoff,
                                        settings.max_lifetime))

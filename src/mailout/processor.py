@@ -71,18 +71,44 @@ class RetryPolicy:
                          self.min_backoff * 2 ** max(attempts - 1, 0))
 
 
+class RateLimit:
+    """At most ``rate`` messages a second over all sender threads, for
+    relays that throttle; bursts of up to one second's worth."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self._allowance = rate
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self, stopping):
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._allowance = min(
+                    self.rate, self._allowance + (now - self._last) * self.rate)
+                self._last = now
+                if self._allowance >= 1:
+                    self._allowance -= 1
+                    return
+                pause = (1 - self._allowance) / self.rate
+            if stopping.wait(pause):
+                return
+
+
 class Processor:
     """Deliver the messages of one queue with one mailer, over
     ``connections`` sender threads (each keeps its own connection)."""
 
     def __init__(self, queue, mailer, name='', poll_interval=1.0,
-                 retry=RetryPolicy(), connections=1):
+                 retry=RetryPolicy(), connections=1, rate=None):
         self.queue = queue
         self.mailer = mailer
         self.name = name
         self.poll_interval = poll_interval
         self.retry = retry
         self.connections = connections
+        self.rate = RateLimit(rate) if rate else None
         self._threads = []
         self._pid = None
         self._lock = threading.Lock()
@@ -175,6 +201,8 @@ class Processor:
             name = self._next_name()
             if name is None:
                 break
+            if self.rate is not None:
+                self.rate.wait(self._stopping)
             claimed = self.queue.claim(name)
             if claimed is not None:
                 self.deliver(claimed)
