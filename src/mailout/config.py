@@ -111,6 +111,7 @@ class QueuedDeliverySettings:
     queue_path: str
     processor: bool
     connections: int
+    rate: float
     poll_interval: float
     max_message_size: int
     min_backoff: float
@@ -131,6 +132,7 @@ class QueuedDeliverySettings:
                    queue_path=os.path.abspath(section.queue_path),
                    processor=section.processor,
                    connections=section.connections,
+                   rate=section.rate,
                    poll_interval=section.poll_interval,
                    max_message_size=section.max_message_size,
                    min_backoff=section.min_backoff,
