@@ -26,7 +26,7 @@ class Sink:
 
     def messages(self):
         names = sorted(n for n in os.listdir(self.directory)
-                       if n.endswith('.json'))
+                       if n.endswith('.json') and not n.startswith('.'))
         result = []
         for name in names:
             with open(os.path.join(self.directory, name)) as f:

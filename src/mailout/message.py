@@ -107,6 +107,10 @@ def check_address(address, error, role, smtputf8=False):
         address = parsed
     if not address:
         raise error(f'{role} is empty')
+    try:
+        address.encode('utf-8')
+    except UnicodeEncodeError:
+        raise error(f'{role} {address!r} is not valid Unicode') from None
     if not address.isascii() and not smtputf8:
         raise NonASCIIAddress(
             f'{role} {address!r} is not ASCII: that needs SMTPUTF8; turn on '
@@ -153,7 +157,12 @@ def _as_bytes(message):
     if isinstance(message, bytes):
         return message
     if isinstance(message, str):
-        return message.encode('utf-8')
+        try:
+            return message.encode('utf-8')
+        except UnicodeEncodeError as e:
+            raise MessageError(
+                f'message text cannot be encoded as UTF-8 ({e.reason} at '
+                f'position {e.start})') from None
     if isinstance(message, email.message.Message):
         for name, value in message.items():
             if _INJECTED_LINE.search(str(value)):
