@@ -21,7 +21,8 @@ header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126),
 headers = st.lists(st.tuples(header_names, header_values), min_size=1,
                    max_size=8)
 line_endings = st.sampled_from(['\n', '\r\n', '\r'])
-body_lines = st.lists(st.text(st.characters(exclude_characters='\r\n'),
+body_lines = st.lists(st.text(st.characters(exclude_characters='\r\n',
+                                            exclude_categories=('Cs',)),
                               max_size=120), max_size=10)
 
 
