@@ -29,15 +29,14 @@ from mailout.interfaces import IMailer
 from mailout.mailers import SMTPMailer
 
 
-
 def zope_script(module, *args):
-    """The command running ``main(*args)`` of Zope's console script module
-    with sys.executable: found in a venv and a buildout (where that may be
-    bin/python, which takes no arguments after -c or -m)."""
+    """The command running Zope's console script ``module`` with ``args``
+    under sys.executable; its bin/NAME is not beside it in a buildout."""
     argv = [str(arg) for arg in args]
     return [sys.executable, '-c', f'import sys; sys.argv[1:] = {argv!r}; '
                                   f'from {module} import main; '
                                   'sys.exit(main())']
+
 
 ZCML = '''<configure xmlns="http://namespaces.zope.org/zope"
                      xmlns:mail="http://namespaces.zope.org/mailout">
