@@ -2,9 +2,18 @@
 
 Run as ``python smtpsink.py --dir DIR [options]``.  It prints its port on
 the first line of stdout, writes every accepted message to DIR as one JSON
-file (``NNNNNN.json``: mail_from, rcpt_tos, data as latin-1 text, tls,
-auth, peer = the client's port), and exits when its stdin closes, so it
-dies with the test run.
+file (``NNNNNN.json``: mail_from, mail_options, rcpt_tos, data as latin-1
+text, tls, auth, peer = the client's port), and exits when its stdin
+closes, so it dies with the test run.
+
+Faults, for the fault matrix (tests/test_faults.py): scripted replies
+(--mail-reply, --rcpt-reply, --data-command-reply, --data-reply,
+--starttls-reply), a connection dropped (--drop-at) or stalled (--stall,
+--stall-at) at a given point.  --faults N applies them to the first N
+occasions only, then the sink behaves (--refuse is not counted).  A message
+received in full but never answered (dropped or stalled "after-dot", the
+RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
+Like a real server, the sink closes the connection after any 421 reply.
 """
 import argparse
 import asyncio
@@ -26,10 +35,21 @@ class Recorder:
         self.directory = directory
         self.args = args
         self.counter = itertools.count(len(os.listdir(directory)) + 1)
+        self.faults_left = args.faults
+
+    def fault(self):
+        """Whether a configured fault happens now; uses up one of --faults.
+        """
+        if self.faults_left is None:
+            return True
+        if self.faults_left > 0:
+            self.faults_left -= 1
+            return True
+        return False
 
     async def handle_MAIL(self, server, session, envelope, address,
                           mail_options):
-        if self.args.mail_reply:
+        if self.args.mail_reply and self.fault():
             return self.args.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -38,12 +58,15 @@ class Recorder:
     async def handle_RCPT(self, server, session, envelope, address, options):
         if address in self.args.refuse:
             return self.args.refuse[address]
+        if self.args.rcpt_reply and self.fault():
+            return self.args.rcpt_reply
         envelope.rcpt_tos.append(address)
         return '250 OK'
 
     async def handle_DATA(self, server, session, envelope):
         record = {
             'mail_from': envelope.mail_from,
+            'mail_options': envelope.mail_options,
             'rcpt_tos': envelope.rcpt_tos,
             'data': envelope.original_content.decode('latin-1'),
             # session.ssl is only set by STARTTLS; implicit TLS (--ssl) shows
@@ -53,27 +76,117 @@ class Recorder:
             'auth': bool(session.authenticated),
             'peer': session.peer[1],
         }
-        name = f'{next(self.counter):06d}.json'
+        misbehaviour = server.fault_at('after-dot')
+        if misbehaviour:
+            # The whole message is here, but the client never hears so.
+            self.save(record, 'unanswered')
+            await server.misbehave(misbehaviour)
+        if self.args.data_reply and self.fault():
+            return self.args.data_reply
+        self.save(record, 'json')
+        return '250 Message accepted'
+
+    def save(self, record, extension):
+        name = f'{next(self.counter):06d}.{extension}'
         tmp = os.path.join(self.directory, '.' + name)
         with open(tmp, 'w') as f:
             json.dump(record, f)
         os.rename(tmp, os.path.join(self.directory, name))
-        return '250 Message accepted'
+
+
+#: Where --drop-at and --stall-at can strike: before the greeting, on the
+#: MAIL, RCPT or DATA command (before replying), after some of the message
+#: data, and after the final dot (before replying).
+POINTS = ('connect', 'mail', 'rcpt', 'data-start', 'data-middle',
+          'after-dot')
 
 
 class SinkSMTP(SMTP):
-    """aiosmtpd's SMTP, optionally saying ``idle_reply`` (as Postfix says
-    "421 4.4.2 ... timeout exceeded") before it closes an idle connection.
+    """aiosmtpd's SMTP with the sink's faults; optionally saying
+    ``idle_reply`` (as Postfix says "421 4.4.2 ... timeout exceeded") before
+    it closes an idle connection.
     """
 
     def __init__(self, handler, idle_reply=None, **options):
         super().__init__(handler, **options)
         self.idle_reply = idle_reply
+        self.args = handler.args
 
     def _timeout_cb(self):
         if self.idle_reply and self.transport is not None:
             self.transport.write(self.idle_reply.encode('ascii') + b'\r\n')
         super()._timeout_cb()
+
+    def fault_at(self, point):
+        """'drop' or 'stall' if the connection is to misbehave at
+        ``point`` now, else None."""
+        for kind, at in (('drop', self.args.drop_at),
+                         ('stall', self.args.stall_at)):
+            if at == point and self.event_handler.fault():
+                return kind
+        return None
+
+    async def misbehave(self, kind):
+        """Close the connection (after stalling for --stall seconds if
+        ``kind`` is 'stall') without a word; never returns."""
+        if kind == 'stall':
+            await asyncio.sleep(self.args.stall)
+        if self.transport is not None:
+            self.transport.close()
+        # connection_lost() cancels this coroutine.
+        await asyncio.get_running_loop().create_future()
+
+    async def push(self, status):
+        await super().push(status)
+        # "421 <domain> Service not available, closing transmission channel"
+        if isinstance(status, bytes):
+            status = status.decode('ascii', 'replace')
+        if status.startswith('421 ') and self.transport is not None:
+            self.transport.close()
+
+    async def _handle_client(self):
+        misbehaviour = self.fault_at('connect')
+        if misbehaviour:
+            await self.misbehave(misbehaviour)
+        await super()._handle_client()
+
+    async def smtp_MAIL(self, arg):
+        misbehaviour = self.fault_at('mail')
+        if misbehaviour:
+            await self.misbehave(misbehaviour)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        misbehaviour = self.fault_at('rcpt')
+        if misbehaviour:
+            await self.misbehave(misbehaviour)
+        await super().smtp_RCPT(arg)
+
+    async def smtp_STARTTLS(self, arg):
+        if self.args.starttls_reply and self.event_handler.fault():
+            await self.push(self.args.starttls_reply)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_DATA(self, arg):
+        misbehaviour = self.fault_at('data-start')
+        if misbehaviour:
+            await self.misbehave(misbehaviour)
+        if self.args.data_command_reply and self.envelope.rcpt_tos \
+                and self.event_handler.fault():
+            await self.push(self.args.data_command_reply)
+            return
+        misbehaviour = self.fault_at('data-middle')
+        if not misbehaviour:
+            return await super().smtp_DATA(arg)
+        await self.push('354 End data with <CR><LF>.<CR><LF>')
+        received = 0
+        while received < 64 * 1024:     # some of the message, not all
+            line = await self._reader.readuntil(b'\r\n')
+            if line == b'.\r\n':
+                break
+            received += len(line)
+        await self.misbehave(misbehaviour)
 
 
 def authenticator(credentials):
@@ -110,8 +223,31 @@ def main(argv=None):
                         help='close a connection idle this long')
     parser.add_argument('--idle-reply', metavar='REPLY',
                         help='say REPLY before closing an idle connection')
+    parser.add_argument('--rcpt-reply', metavar='REPLY',
+                        help='answer every RCPT TO with REPLY')
+    parser.add_argument('--data-command-reply', metavar='REPLY',
+                        help='answer the DATA command with REPLY, not 354')
+    parser.add_argument('--data-reply', metavar='REPLY',
+                        help='answer the end of the message data with REPLY '
+                             '(the message is not recorded)')
+    parser.add_argument('--starttls-reply', metavar='REPLY',
+                        help='answer STARTTLS (offered) with REPLY')
+    parser.add_argument('--drop-at', choices=POINTS,
+                        help='close the connection there, without a reply')
+    parser.add_argument('--stall', type=float, metavar='SECONDS',
+                        help='say nothing for this long (default an hour), '
+                             'then close the connection')
+    parser.add_argument('--stall-at', choices=POINTS,
+                        help='where to stall (default: connect, before the '
+                             'greeting)')
+    parser.add_argument('--faults', type=int, metavar='N',
+                        help='apply the faults above N times only')
     args = parser.parse_args(argv)
     args.refuse = dict(r.split('=', 1) for r in args.refuse)
+    if args.stall is not None and args.stall_at is None:
+        args.stall_at = 'connect'
+    if args.stall is None:
+        args.stall = 3600
 
     options = {'hostname': 'sink.test', 'idle_reply': args.idle_reply}
     if args.idle_timeout:

@@ -68,7 +68,8 @@ class SMTPMailer:
             self.close()
             if isinstance(e.__cause__, TransientDeliveryError):
                 raise e.__cause__ from None
-            raise TransientDeliveryError((None, str(e.__cause__))) from None
+            raise TransientDeliveryError((None, _describe(e.__cause__))) \
+                from None
 
     def close(self):
         connection = getattr(self._local, 'connection', None)
@@ -80,9 +81,14 @@ class SMTPMailer:
                 connection.close()
 
     def _send(self, connection, fromaddr, toaddrs, message):
+        # RFC 6152: say that an 8-bit body is one, where the relay can
+        # take it.
+        options = ['BODY=8BITMIME'] if not message.isascii() \
+            and connection.has_extn('8bitmime') else []
+        refused = {}
         try:
             try:
-                code, text = connection.mail(fromaddr)
+                code, text = connection.mail(fromaddr, options)
             except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
                 raise _Reconnect() from e
             if code == 421:
@@ -90,25 +96,29 @@ class SMTPMailer:
                 # when it drops an idle one): nothing was sent.
                 raise _Reconnect() from delivery_error(code, text)
             if code != 250:
-                connection.rset()
+                self._rset(connection)
                 raise delivery_error(code, text)
-            refused = {}
             for address in toaddrs:
                 code, text = connection.rcpt(address)
+                if code == 421:
+                    # Closing the connection: the transaction is over, for
+                    # the recipients accepted so far too.
+                    self.close()
+                    return _abandoned(toaddrs, refused, code, text)
                 if code not in (250, 251):
                     refused[address] = (code, _text(text))
             if len(refused) == len(toaddrs):
-                connection.rset()
+                self._rset(connection)
                 return refused
-            code, text = connection.data(message)
+            try:
+                code, text = connection.data(message)
+            except smtplib.SMTPDataError as e:
+                # smtplib raises this for a non-354 answer to DATA.
+                code, text = e.smtp_code, e.smtp_error
             if code != 250:
-                connection.rset()
-                raise delivery_error(code, text)
+                self._rset(connection)
+                return _abandoned(toaddrs, refused, code, text)
             return refused
-        except smtplib.SMTPDataError as e:
-            # smtplib raises this for a non-354 answer to DATA.
-            self._rset(connection)
-            raise delivery_error(e.smtp_code, e.smtp_error) from None
         except (smtplib.SMTPException, OSError) as e:
             # Connection lost or timed out mid-transaction.  If that was
             # after the final dot, the relay may have the message: RFC 1047's
@@ -117,6 +127,8 @@ class SMTPMailer:
             raise TransientDeliveryError((None, _describe(e))) from None
 
     def _rset(self, connection):
+        # After a refusal the server may have closed the connection (it
+        # must after a 421): its reply counts, not the failed RSET.
         try:
             connection.rset()
         except (smtplib.SMTPException, OSError):
@@ -176,6 +188,17 @@ class SMTPMailer:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def _abandoned(toaddrs, refused, code, text):
+    """A transaction the server ended with ``code`` after RCPT: raise its
+    error, or, when some recipients were refused already, return every
+    recipient with its own reply (so a 5xx-refused one fails now even if
+    the message as a whole was only deferred)."""
+    if not refused:
+        raise delivery_error(code, text)
+    reply = (code, _text(text))
+    return {address: refused.get(address, reply) for address in toaddrs}
 
 
 class _Reconnect(Exception):
