@@ -224,11 +224,6 @@ def test_some_recipients_refused(tmp_path, start_sink):
     assert len(only(queue, 'deferred', message).attempts) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'queue.fail() names the failed/ file after the message: a second '
-    'failure of the same message replaces the first record (os.rename) or, '
-    'with recipients still deferred, raises FileExistsError (O_EXCL) and '
-    'leaves the message claimed in cur/'))
 @pytest.mark.parametrize('still_deferred', [False, True])
 def test_recipients_failing_on_different_attempts(tmp_path, start_sink,
                                                   still_deferred):

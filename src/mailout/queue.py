@@ -196,7 +196,7 @@ class Queue:
 
         With ``keep_claim`` a copy goes to ``failed/`` and the claimed
         message stays (the other recipients are still to be handled)."""
-        name = claimed.split(',', 1)[0]
+        name = self._failed_name(claimed.split(',', 1)[0])
         if keep_claim:
             message = self.read(claimed)
             data = _envelope_block(message.fromaddr, toaddrs,
@@ -207,6 +207,16 @@ class Queue:
         self._rewrite(claimed, toaddrs, attempt)
         os.rename(self._area('cur', claimed), self._area('failed', name))
         self._unclaim(claimed)
+
+    def _failed_name(self, name):
+        # Recipients of one message may fail on different attempts: each
+        # failure keeps a record of its own (NAME, NAME+2, ...).  Only the
+        # claim's holder fails a message, so checking first is safe.
+        candidate, number = name, 1
+        while os.path.lexists(self._area('failed', candidate)):
+            number += 1
+            candidate = f'{name}+{number}'
+        return candidate
 
     def quarantine(self, claimed, reason):
         """Move an unreadable claimed file to ``failed/`` as it is, with
