@@ -259,3 +259,69 @@ def _sections(product_config):
     return [v if isinstance(v, MailoutSettings) else dict(v)
             for k, v in product_config.items()
             if isinstance(v, MailoutSettings) or k == 'mailout']
+
+
+# -- any file an operator names (the mailout command's -C) ---------------------
+
+_ZOPE_CONF_MARKERS = ('%import mailout', '<product-config mailout',
+                      'instancehome ', '<zodb_db ')
+
+
+def load_any(path):
+    """Settings and their source from ``path``: a standalone mailout file,
+    or a Zope instance's zope.conf (loaded with Zope's own schema, so Zope
+    must be importable) with a ``<mailout NAME>`` section or a
+    ``<product-config mailout>`` naming a ``config-file``."""
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            text = f.read()
+    except OSError as e:
+        raise ZConfig.ConfigurationError(
+            f'cannot read {path}: {e.strerror or e}') from None
+    lines = [' '.join(line.split()).lower() + ' ' for line in text.splitlines()]
+    if any(line.startswith(marker) for line in lines
+           for marker in _ZOPE_CONF_MARKERS):
+        return _load_zope_conf(path)
+    try:
+        return load(path), path
+    except ZConfig.ConfigurationError as error:
+        # Perhaps a zope.conf after all; if Zope cannot read it either,
+        # mailout's own complaint is the one that helps.
+        try:
+            return _load_zope_conf(path)
+        except ZConfig.ConfigurationError:
+            raise error from None
+
+
+def _load_zope_conf(path):
+    try:
+        from Zope2.Startup.options import ZopeWSGIOptions
+    except ImportError as e:
+        raise ZConfig.ConfigurationError(
+            f'{path} is a Zope zope.conf, but Zope cannot be imported in '
+            f'this Python ({sys.executable}: {e}); use the mailout command '
+            "of the instance's environment, or name a standalone mailout "
+            'file') from None
+    # Parsing only: no handleWSGIConfig, nothing installed in App.config.
+    root = ZopeWSGIOptions(configfile=path)().configroot
+    sections = _sections(getattr(root, 'product_config', None) or {})
+    found = [s for s in sections if isinstance(s, MailoutSettings)]
+    files = [s['config-file'] for s in sections
+             if isinstance(s, dict) and 'config-file' in s]
+    if len(found) + len(files) > 1:
+        names = [f'<mailout {s.name}>' for s in found] + files
+        raise ZConfig.ConfigurationError(
+            f'{path} has more than one mailout configuration: '
+            f"{', '.join(names)}")
+    if found:
+        return found[0], f'{path}, section <mailout {found[0].name}>'
+    if files:
+        return load(files[0]), \
+            f'{files[0]} (config-file of <product-config mailout> in {path})'
+    if any(isinstance(s, dict) for s in sections):
+        raise ZConfig.ConfigurationError(
+            f'{path}: <product-config mailout> has no config-file key')
+    raise ZConfig.ConfigurationError(
+        f'{path} is a zope.conf without mailout configuration: add '
+        '"%import mailout" and a <mailout mailout> section, or '
+        '<product-config mailout> with config-file')

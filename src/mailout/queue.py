@@ -314,6 +314,177 @@ class Queue:
     def count(self, area):
         return len(os.listdir(self._area(area)))
 
+    # -- inspection and repair (the mailout command) -------------------------
+
+    def entries(self, area):
+        """An `Entry` for each message in ``area``, oldest first.  Reads only
+        the envelope block; an unreadable file is an entry with ``error``."""
+        result = []
+        for filename in os.listdir(self._area(area)):
+            if area == 'failed' and filename.endswith('.reason'):
+                continue
+            entry = self._entry(area, filename)
+            if entry is not None:
+                result.append(entry)
+        result.sort(key=lambda e: (e.queued_at or e.mtime, e.name))
+        return result
+
+    def _entry(self, area, filename, whole=False):
+        path = self._area(area, filename)
+        try:
+            with open(path, 'rb') as f:
+                stat = os.fstat(f.fileno())
+                data = f.read() if whole else _read_head(f)
+        except FileNotFoundError:       # moved on meanwhile
+            return None
+        entry = Entry(filename.split(',', 1)[0], area, filename,
+                      stat.st_mtime, stat.st_size)
+        try:
+            message = _parse(entry.name, data)
+        except (QueueError, ValueError, UnicodeDecodeError) as e:
+            entry.error = str(e)
+        else:
+            entry.fromaddr, entry.toaddrs = message.fromaddr, message.toaddrs
+            entry.attempts = message.attempts
+            entry.message = message.message if whole else None
+        if area == 'failed':
+            try:
+                with open(self._area('failed', filename + '.reason'),
+                          encoding='utf-8', errors='replace') as f:
+                    entry.error = f.read().strip()
+            except FileNotFoundError:
+                pass
+        return entry
+
+    def locate(self, name):
+        """The entries (each with its whole message) of the message ``name``
+        in ``new/``, ``cur/``, ``deferred/`` and ``failed/``; a message
+        partly delivered and partly failed is in two of them."""
+        found = []
+        for area in AREAS[1:]:
+            for filename in os.listdir(self._area(area)):
+                if filename.split(',', 1)[0] == name \
+                        and not filename.endswith('.reason'):
+                    entry = self._entry(area, filename, whole=True)
+                    if entry is not None:
+                        found.append(entry)
+        return found
+
+    def status(self, now=None):
+        """Counts per area, the age of the oldest message not yet settled
+        (new, cur, deferred), the next retry, and the newest attempt line
+        of the deferred and failed messages."""
+        now = time.time() if now is None else now
+        deferred, failed = self.entries('deferred'), self.entries('failed')
+        # A deferred file's mtime is its next attempt, not its age.
+        pending = [e.queued_at for e in deferred if e.queued_at]
+        for area in ('new', 'cur'):
+            for filename in os.listdir(self._area(area)):
+                pending.append(_queued_at(filename.split(',', 1)[0])
+                               or _mtime(self._area(area, filename), now))
+        attempts = [(a, e.mtime) for e in deferred + failed
+                    for a in e.attempts[-1:]]
+        return {
+            'waiting': self.count('new'),
+            'in_progress': self.count('cur'),
+            'deferred': len(deferred),
+            'failed': len(failed),
+            'oldest_age': max(now - min(pending), 0) if pending else None,
+            'next_attempt': min((e.mtime for e in deferred), default=None),
+            'last_error': max(attempts, key=lambda a: (a[0][:20], a[1]))[0]
+            if attempts else None,
+        }
+
+    def retry(self, name, area=None):
+        """Move ``name`` from ``failed/`` or ``deferred/`` (``area``, if
+        it is in both) back to ``new/`` to be tried at once; return the
+        area it came from and its name in ``new/``.  That name is ``name``
+        unless another part of the message (a partial failure) is still in
+        the queue, which a later move could overwrite: then it is
+        ``NAME.rHEX``, keeping the time it was queued."""
+        areas = [e.area for e in self.locate(name)]
+        movable = [a for a in ('failed', 'deferred')
+                   if a in areas and area in (None, a)]
+        if not movable:
+            raise QueueError(f'{name} is not in {area or "failed"}/'
+                             + ('' if area else ' or deferred/')
+                             + (f' (it is in {", ".join(areas)}/)'
+                                if areas else ''))
+        if len(movable) > 1:
+            raise QueueError(f'{name} is in failed/ and deferred/: say which '
+                             'one to retry')
+        area = movable[0]
+        target = name if len(areas) == 1 else f'{name}.r{uuid.uuid4().hex[:6]}'
+        try:
+            os.rename(self._area(area, name), self._area('new', target))
+        except FileNotFoundError:
+            if area == 'deferred' and os.path.exists(self._area('new', name)):
+                return area, name   # a processor promoted it meanwhile
+            raise QueueError(f'{name} left {area}/ meanwhile') from None
+        if area == 'failed':
+            try:
+                os.unlink(self._area('failed', name + '.reason'))
+            except FileNotFoundError:
+                pass
+        _fsync_directory(self._area('new'))
+        self.wake()
+        return area, target
+
+    def purge(self, area, name):
+        """Delete ``name`` from ``area`` (new, deferred or failed) for good.
+        """
+        if area not in ('new', 'deferred', 'failed'):
+            raise QueueError(f'cannot purge from {area}/: the message is '
+                             'being delivered')
+        try:
+            os.unlink(self._area(area, name))
+        except FileNotFoundError:
+            raise QueueError(f'{name} left {area}/ meanwhile') from None
+        if area == 'failed':
+            try:
+                os.unlink(self._area('failed', name + '.reason'))
+            except FileNotFoundError:
+                pass
+
+
+@dataclasses.dataclass
+class Entry:
+    """What `Queue.entries` and `Queue.locate` tell about one queue file."""
+    name: str               # the message's name (its ID in the queue)
+    area: str
+    filename: str           # in cur/: NAME,HOST,PID,TOKEN
+    mtime: float            # in deferred/: when it is tried next
+    size: int
+    fromaddr: str = None
+    toaddrs: tuple = ()
+    attempts: tuple = ()
+    error: str = None       # unreadable, or why it was quarantined
+    message: bytes = None   # only from `Queue.locate`
+
+    @property
+    def queued_at(self):
+        return _queued_at(self.name)
+
+
+def _queued_at(name):
+    # Our names start with time.time_ns(); zope.sendmail's do not.
+    try:
+        return int(name.split('.', 1)[0]) / 1e9
+    except ValueError:
+        return None
+
+
+def _read_head(f, chunk=8192, limit=1024 * 1024):
+    """The start of a queue file, up to and including its envelope block."""
+    data = b''
+    while len(data) < limit:
+        more = f.read(chunk)
+        data += more
+        if not more or b'\r\n\r\n' in data \
+                or (data.startswith(b'X-Zope-From:') and data.count(b'\n') >= 2):
+            break
+    return data
+
 
 def _envelope_block(fromaddr, toaddrs, attempts=()):
     lines = [f'X-Mailout-From: {fromaddr}']
