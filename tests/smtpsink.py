@@ -213,6 +213,8 @@ def main(argv=None):
     parser.add_argument('--starttls', nargs=2, metavar=('CERT', 'KEY'))
     parser.add_argument('--ssl', nargs=2, metavar=('CERT', 'KEY'))
     parser.add_argument('--require-starttls', action='store_true')
+    parser.add_argument('--smtputf8', action='store_true',
+                        help='offer SMTPUTF8 (RFC 6531)')
     parser.add_argument('--auth', metavar='USER:PASSWORD')
     parser.add_argument('--refuse', action='append', default=[],
                         metavar='ADDRESS=REPLY',
@@ -252,6 +254,8 @@ def main(argv=None):
     options = {'hostname': 'sink.test', 'idle_reply': args.idle_reply}
     if args.idle_timeout:
         options['timeout'] = args.idle_timeout
+    if args.smtputf8:
+        options['enable_SMTPUTF8'] = True
     if args.starttls:
         options['tls_context'] = tls_context(*args.starttls)
         options['require_starttls'] = args.require_starttls

@@ -37,12 +37,16 @@ WRONG_PASSWORD = 'Wr0ng-Pa55w0rd'
 
 def processor_for(tmp_path, port, *mailer_keys):
     """A Processor (no threads) for a queue in tmp_path, whose SMTP mailer
-    talks to 127.0.0.1:port with a 1 s timeout; "tls none" unless given."""
+    talks to 127.0.0.1:port with a 1 s timeout; "tls none" unless given.
+    The relay never rests after a failure (down-time 0), so that each row
+    shows what one fault does to one message; test_farm.py shows resting.
+    """
     keys = '\n'.join(mailer_keys or ['tls none'])
     settings = config.loads(f'''<mailout>
         <smtp-mailer relay>
           host 127.0.0.1:{port}
           timeout 1s
+          down-time 0
           {keys}
         </smtp-mailer>
         <queued-delivery default>

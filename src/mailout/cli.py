@@ -851,7 +851,7 @@ def run_check(args):
             relay = {'host': host, 'port': port}
             started = time.monotonic()
             try:
-                connection = factories.build_mailer(one)._connect()
+                connection = factories.build_mailer(one).connect(host, port)
             except DeliveryError as e:
                 text = e.reply[1]
                 prefix = f'{host}:{port}: '

@@ -66,6 +66,9 @@ class SMTPMailerSettings:
     ca_file: Optional[str]
     verify_certificates: bool
     allow_plain_auth: bool
+    down_time: float
+    messages_per_connection: int
+    smtputf8: bool
 
     @classmethod
     def from_section(cls, section):
@@ -89,7 +92,10 @@ class SMTPMailerSettings:
             timeout=section.timeout, local_hostname=section.local_hostname,
             ca_file=section.ca_file,
             verify_certificates=section.verify_certificates,
-            allow_plain_auth=section.allow_plain_auth)
+            allow_plain_auth=section.allow_plain_auth,
+            down_time=section.down_time,
+            messages_per_connection=max(section.messages_per_connection, 1),
+            smtputf8=section.smtputf8)
 
     @property
     def relays(self):

@@ -6,11 +6,13 @@ refused, ``{address: (code, text)}``, and raises `TransientDeliveryError` or
 thread keeps its own connection open across messages; ``close()`` ends the
 calling thread's connection.
 """
+import itertools
 import logging
 import smtplib
 import socket
 import ssl
 import threading
+import time
 
 from zope.interface import implementer
 
@@ -32,12 +34,21 @@ def delivery_error(code, text):
 
 @implementer(IMailer)
 class SMTPMailer:
-    """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured."""
+    """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured.
+
+    With several relays, new connections go to each in turn; a relay that
+    fails to connect or dies mid-transaction is left alone for
+    ``down-time`` while the others take its share.
+    """
 
     def __init__(self, settings):
         self.settings = settings
         self.name = settings.name
+        self.smtputf8 = settings.smtputf8
         self._local = threading.local()
+        self._turn = itertools.count()
+        self._down = {}             # relay -> (monotonic time up again, why)
+        self._down_lock = threading.Lock()
 
     def __repr__(self):
         relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
@@ -53,6 +64,10 @@ class SMTPMailer:
 
     def send(self, fromaddr, toaddrs, message):
         connection = getattr(self._local, 'connection', None)
+        if connection is not None and \
+                self._local.sent >= self.settings.messages_per_connection:
+            self.close()
+            connection = None
         if connection is not None:
             try:
                 return self._send(connection, fromaddr, toaddrs, message)
@@ -60,7 +75,8 @@ class SMTPMailer:
                 # The server closed the idle connection before MAIL FROM
                 # was accepted: nothing was sent, so try on a new one.
                 self.close()
-        self._local.connection = self._connect()
+        self._local.connection, self._local.relay = self._connect()
+        self._local.sent = 0
         try:
             return self._send(self._local.connection, fromaddr, toaddrs,
                               message)
@@ -81,10 +97,18 @@ class SMTPMailer:
                 connection.close()
 
     def _send(self, connection, fromaddr, toaddrs, message):
+        self._local.sent += 1
         # RFC 6152: say that an 8-bit body is one, where the relay can
         # take it.
         options = ['BODY=8BITMIME'] if not message.isascii() \
             and connection.has_extn('8bitmime') else []
+        if not all(a.isascii() for a in (fromaddr, *toaddrs)):
+            if not connection.has_extn('smtputf8'):
+                # What Postfix says in this case; retrying cannot help.
+                raise PermanentDeliveryError(
+                    (555, '5.6.7 the relay does not offer SMTPUTF8, which '
+                          'the non-ASCII addresses need'))
+            options.append('SMTPUTF8')
         refused = {}
         try:
             try:
@@ -124,7 +148,11 @@ class SMTPMailer:
             # after the final dot, the relay may have the message: RFC 1047's
             # window, and the one case where a retry can send it twice.
             self.close()
-            raise TransientDeliveryError((None, _describe(e))) from None
+            reason = _describe(e)
+            if isinstance(e, TimeoutError):     # a stalled relay
+                self._mark_down(self._local.relay, reason)
+            raise TransientDeliveryError(
+                (None, f'{_address(self._local.relay)}: {reason}')) from None
 
     def _rset(self, connection):
         # After a refusal the server may have closed the connection (it
@@ -135,18 +163,49 @@ class SMTPMailer:
             self.close()
 
     def _connect(self):
+        """``(connection, relay)`` to the next relay that is up."""
         errors = []
-        for host, port in self.settings.relays:
+        for relay in self._relays_in_turn():
             try:
-                return self._open(host, port)
-            except smtplib.SMTPAuthenticationError as e:
-                errors.append(f'{host}:{port}: AUTH failed: '
-                              f'{e.smtp_code} {_text(e.smtp_error)}')
+                return self.connect(*relay), relay
             except TransientDeliveryError as e:
-                errors.append(f'{host}:{port}: {e}')
-            except (smtplib.SMTPException, OSError) as e:
-                errors.append(f'{host}:{port}: {_describe(e)}')
+                self._mark_down(relay, str(e))
+                errors.append(f'{_address(relay)}: {e}')
+        if not errors:
+            with self._down_lock:
+                errors = [f'{_address(r)}: marked down after: {why}'
+                          for r, (_, why) in self._down.items()]
         raise TransientDeliveryError((None, '; '.join(errors)))
+
+    def connect(self, host, port):
+        """A new connection to one relay: greeted, encrypted and
+        authenticated as configured (the caller closes it).  Raises
+        `TransientDeliveryError` saying what failed."""
+        try:
+            return self._open(host, port)
+        except smtplib.SMTPAuthenticationError as e:
+            reason = f'AUTH failed: {e.smtp_code} {_text(e.smtp_error)}'
+        except (smtplib.SMTPException, OSError) as e:
+            reason = _describe(e)
+        raise TransientDeliveryError((None, reason))
+
+    def _relays_in_turn(self):
+        """The relays that are up, starting with the next one's turn; all of
+        them when every one is down and its rest is over."""
+        relays = self.settings.relays
+        start = next(self._turn) % len(relays)
+        now = time.monotonic()
+        with self._down_lock:
+            return [r for r in relays[start:] + relays[:start]
+                    if self._down.get(r, (0,))[0] <= now]
+
+    def _mark_down(self, relay, reason):
+        if self.settings.down_time > 0:
+            log.warning('%r: relay %s marked down for %gs: %s', self,
+                        _address(relay), self.settings.down_time, reason)
+            with self._down_lock:
+                self._down[relay] = (time.monotonic()
+                                     + self.settings.down_time, reason)
 
     def _open(self, host, port):
         s = self.settings
@@ -188,6 +247,10 @@ class SMTPMailer:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def _address(relay):
+    return '%s:%s' % relay
 
 
 def _abandoned(toaddrs, refused, code, text):
