@@ -131,7 +131,7 @@ def test_recover_removes_unfinished_writes_of_dead_processes(queue):
     """tmp/ files of dead writers go; our own in-progress writes stay."""
     ours = queue.write(prepare('a@example.org', ['b@example.org'],
                                'Subject: x\r\n\r\n'))
-    dead = f'{time.time_ns()}.999999999_abc.{queue_module._HOST}'
+    dead = f'{time.time_ns()}.999999999_abc_def.{queue_module._HOST}'
     open(os.path.join(queue.path, 'tmp', dead), 'w').close()
     queue.recover()
     assert files(queue, 'tmp') == [ours]
@@ -174,3 +174,30 @@ def test_zope_sendmail_queue_is_drained(tmp_path, sink):
     assert sorted(m['data'].split(b'Subject: ')[1][:8] for m in received) \
         == [b'legacy 0', b'legacy 1', b'legacy 2']
     assert os.listdir(os.path.join(path, 'new')) == []
+
+
+def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
+    """A process killed among the renames of a multi-message commit: its
+    marker makes recovery move the rest of the transaction to new/; the
+    writes of an uncommitted transaction of the same process go."""
+    envelope = prepare('a@example.org', ['b@example.org'],
+                       'Subject: x\r\n\r\nbody\r\n')
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    committed = [queue.write(envelope, 'batch1') for _ in range(3)]
+    uncommitted = queue.write(envelope, 'batch2')
+    # As the dead process would have named them:
+    renamed = {}
+    for name in committed + [uncommitted]:
+        theirs = name.replace(f'.{os.getpid()}_', f'.{dead}_')
+        os.rename(os.path.join(queue.path, 'tmp', name),
+                  os.path.join(queue.path, 'tmp', theirs))
+        renamed[name] = theirs
+    first = renamed[committed[0]]
+    marker = queue_module._commit_marker(first)
+    open(os.path.join(queue.path, 'tmp', marker), 'w').close()
+    os.rename(os.path.join(queue.path, 'tmp', first),
+              os.path.join(queue.path, 'new', first))
+    queue.recover()
+    assert files(queue, 'new') == sorted(renamed[n] for n in committed)
+    assert files(queue, 'tmp') == []

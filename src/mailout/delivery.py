@@ -12,6 +12,7 @@ manager does the work at commit:
   refusal makes the vote, and so the commit, fail.
 """
 import logging
+import uuid
 
 import transaction
 from transaction.interfaces import IDataManagerSavepoint
@@ -88,9 +89,10 @@ class QueuedDelivery(_Delivery):
 
     def _vote(self, envelopes):
         names = []
+        batch = uuid.uuid4().hex[:12]
         try:
             for envelope in envelopes:
-                names.append(self.queue.write(envelope))
+                names.append(self.queue.write(envelope, batch))
         except BaseException:
             self.queue.discard(names)
             raise

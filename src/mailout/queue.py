@@ -104,28 +104,36 @@ class Queue:
 
     # -- writing (used by the transaction's data manager) -------------------
 
-    def write(self, envelope):
-        """Write a message into ``tmp/`` durably; return its name."""
-        name = f'{time.time_ns()}.{os.getpid()}_{uuid.uuid4().hex[:12]}.{_HOST}'
+    def write(self, envelope, batch=None):
+        """Write a message into ``tmp/`` durably; return its name.  Messages
+        of one transaction share a ``batch`` (see `commit`)."""
+        unique = uuid.uuid4().hex[:12]
+        name = f'{time.time_ns()}.{os.getpid()}_{batch or unique}_{unique}' \
+               f'.{_HOST}'
         data = _envelope_block(envelope.fromaddr, envelope.toaddrs) \
             + b'\r\n' + envelope.message
         _write_durably(self._area('tmp', name), data)
         return name
 
     def commit(self, names):
-        """Move written messages into ``new/``; one directory fsync for all.
-        Only renames can fail here, and they do not on a sane disk."""
+        """Move written messages into ``new/``, all or none: a commit marker
+        in ``tmp/`` tells recovery to finish the renames of a process that
+        died among them.  One directory fsync for all.  Only renames can
+        fail here, and they do not on a sane disk."""
+        marker = None
+        if len(names) > 1:
+            marker = self._area('tmp', _commit_marker(names[0]))
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
         for name in names:
             os.rename(self._area('tmp', name), self._area('new', name))
         _fsync_directory(self._area('new'))
+        if marker is not None:
+            os.unlink(marker)
         self.wake()
 
     def discard(self, names):
         for name in names:
-            try:
-                os.unlink(self._area('tmp', name))
-            except FileNotFoundError:
-                pass
+            _unlink(self._area('tmp', name))
 
     # -- waking the processor ------------------------------------------------
 
@@ -258,26 +266,44 @@ class Queue:
 
     def _clean_tmp(self, now):
         # tmp/ holds writes of transactions that have not finished (named
-        # TIME.PID_RANDOM.HOST) and rewrites of claims (CLAIM.rewrite).
-        for name in os.listdir(self._area('tmp')):
+        # TIME.PID_BATCH_UNIQUE.HOST), commit markers (PID_BATCH.HOST.commit)
+        # and rewrites of claims (CLAIM.rewrite).  A dead writer's marker
+        # means its transaction committed: finish moving its batch to new/.
+        # Its other writes never committed: remove them.
+        names = os.listdir(self._area('tmp'))
+        committed = {}                  # writer -> its marker
+        for name in names:
+            if name.endswith('.commit'):
+                writer, host = name[:-len('.commit')].split('.', 1)
+                if self._writer_is_dead(writer.split('_')[0], host,
+                                        self._area('tmp', name), now,
+                                        CLAIM_LEASE):
+                    committed[writer] = name
+        for name in names:
             path = self._area('tmp', name)
             if name.endswith('.rewrite'):
-                dead = self._owner_is_dead(name[:-len('.rewrite')], now)
-            else:
-                try:
-                    _, pid_part, host = name.split('.', 2)
-                    pid = int(pid_part.split('_', 1)[0])
-                except ValueError:
-                    continue
-                if host == _HOST:
-                    dead = pid != os.getpid() and not _pid_alive(pid)
-                else:
-                    dead = now - _mtime(path, now) > TMP_LIFETIME
-            if dead:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                if self._owner_is_dead(name[:-len('.rewrite')], now):
+                    _unlink(path)
+                continue
+            try:
+                _, writer, host = name.split('.', 2)
+                pid, batch, _ = writer.split('_')
+            except ValueError:
+                continue
+            if f'{pid}_{batch}' in committed:
+                os.rename(path, self._area('new', name))
+            elif not name.endswith('.commit') and self._writer_is_dead(
+                    pid, host, path, now, TMP_LIFETIME):
+                _unlink(path)
+        if committed:
+            _fsync_directory(self._area('new'))
+            for marker in committed.values():
+                _unlink(self._area('tmp', marker))
+
+    def _writer_is_dead(self, pid, host, path, now, lifetime):
+        if host != _HOST:
+            return now - _mtime(path, now) > lifetime
+        return int(pid) != os.getpid() and not _pid_alive(int(pid))
 
     def _owner_is_dead(self, claimed, now):
         try:
@@ -544,6 +570,20 @@ def _fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _commit_marker(name):
+    """The commit marker of the batch of message ``name``."""
+    _, writer, host = name.split('.', 2)
+    pid, batch, _ = writer.split('_')
+    return f'{pid}_{batch}.{host}.commit'
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _mtime(path, default):
