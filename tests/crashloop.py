@@ -1,0 +1,750 @@
+"""Crash tests: kill -9 a process that commits and delivers mail through
+mailout at random moments, then check at an SMTP sink what arrived.
+
+Run as ``python tests/crashloop.py --iterations 1000`` (``--help`` for the
+options); tests/test_crash.py runs a shorter loop.
+
+Each iteration starts a real child process (``crashloop.py --child``) that
+builds mailout from a config file (a queued delivery with its processor on,
+so the child both commits and delivers) and runs random transactions of 1-5
+messages: most commit, some abort, some fail in the vote of another resource
+manager (before or after mailout's vote), some roll a savepoint back past
+some of their messages.  It reports on stdout, one flushed line each::
+
+    send ID RCPT,RCPT   before send()
+    commit ID ...       before transaction.commit()
+    committed ID ...    after commit() returned
+    abort ID ...        before transaction.abort()
+    doomed ID ...       before a commit that another resource will refuse
+    rollback ID ...     before a savepoint rollback drops these messages
+
+The harness SIGKILLs the child at a random moment: a random delay after it
+is ready, or just after its k-th "commit" or "committed" line.  Then it
+notes the claims the dead child held in ``cur/`` (messages in flight: the
+only ones that may arrive twice, RFC 1047's window between the relay's
+reply and the queue update), and either drains the queue itself
+(``recover`` + ``run_once``) and checks everything, or leaves recovery to
+the next child, which may be killed in turn.
+
+The sink (``crashloop.py --sink``) is a small aiosmtpd server of its own: it
+records each accepted message (Message-Id and recipients) before it
+replies, sometimes delays the reply by up to 20 ms (to widen that window),
+refuses ``flaky@`` recipients with 451 now and then (partial deferral) and
+sometimes answers 451 after DATA (whole deferral).
+
+The promises checked (DESIGN.md section 3, items 1-3), per message and
+recipient:
+
+* a message whose commit returned arrived at least once;
+* a message of an aborted, refused, rolled back or unfinished transaction
+  never arrived;
+* the messages of the commit the child was in when killed arrived at most
+  once (or not at all);
+* a message arrived more than once only if it was in flight (claimed by a
+  killed process) that many times; those duplicates are counted apart.
+"""
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.abspath(__file__)
+FLAKY = 'flaky@example.org'
+SYNC = 'sync@example.org'
+RECIPIENTS = ('ann@example.org', 'bob@example.org')
+_MESSAGE_ID = re.compile(rb'^Message-Id:\s*<([^>]+)>', re.I | re.M)
+
+
+# -- the sink -----------------------------------------------------------------
+
+def sink_main(records_path, seed):
+    """An SMTP server on 127.0.0.1 (ephemeral port, printed on stdout) that
+    appends one JSON line per accepted message to ``records_path`` before
+    it replies; exits when stdin closes."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    rng = random.Random(seed)
+    records = open(records_path, 'a')
+
+    class Handler:
+        async def handle_RCPT(self, server, session, envelope, address,
+                              options):
+            if address == FLAKY and rng.random() < 0.2:
+                return '451 4.3.0 flaky: try again later'
+            envelope.rcpt_tos.append(address)
+            return '250 OK'
+
+        async def handle_DATA(self, server, session, envelope):
+            sync = envelope.rcpt_tos == [SYNC]
+            if not sync and rng.random() < 0.03:
+                return '451 4.3.0 not now'
+            match = _MESSAGE_ID.search(envelope.original_content)
+            records.write(json.dumps({
+                'id': match.group(1).decode() if match else None,
+                'rcpt': envelope.rcpt_tos}) + '\n')
+            records.flush()
+            if not sync and rng.random() < 0.3:
+                # Accepted but not yet confirmed: RFC 1047's window.
+                await asyncio.sleep(rng.uniform(0, 0.02))
+            return '250 OK accepted'
+
+    # IPPROTO_TCP explicitly, or asyncio sets no TCP_NODELAY (+40 ms a
+    # connection through Nagle and delayed ACKs).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
+    sock.bind(('127.0.0.1', 0))
+    sock.listen(128)
+    loop = asyncio.new_event_loop()
+    handler = Handler()
+    server = loop.run_until_complete(loop.create_server(
+        lambda: SMTP(handler, hostname='crashsink.test'), sock=sock))
+    print(sock.getsockname()[1], flush=True)
+
+    def stop_when_stdin_closes():
+        sys.stdin.read()
+        loop.call_soon_threadsafe(loop.stop)
+    threading.Thread(target=stop_when_stdin_closes, daemon=True).start()
+    try:
+        loop.run_forever()
+    finally:
+        server.close()
+        records.close()
+
+
+class SinkProcess:
+    """The sink process, and the records it wrote so far."""
+
+    def __init__(self, directory, seed):
+        self.records_path = os.path.join(directory, 'received.jsonl')
+        open(self.records_path, 'w').close()
+        self.process = subprocess.Popen(
+            [sys.executable, HERE, '--sink', self.records_path,
+             '--seed', str(seed)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError('the crash sink did not start')
+        self.port = int(line)
+        self._offset = 0
+        self._syncs = 0
+
+    def new_records(self):
+        """Records written since the last call (complete lines only)."""
+        with open(self.records_path, 'rb') as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b'\n') + 1
+        self._offset += end
+        return [json.loads(line) for line in data[:end].splitlines()]
+
+    def sync(self):
+        """Send one message straight to the sink and return when it was
+        accepted: connections of killed children it had read before are
+        dealt with by then."""
+        self._syncs += 1
+        with smtplib.SMTP('127.0.0.1', self.port, timeout=30) as smtp:
+            smtp.sendmail('harness@example.org', [SYNC],
+                          f'Message-Id: <sync-{self._syncs}@test>\r\n\r\n'
+                          'sync\r\n')
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# -- the child ----------------------------------------------------------------
+
+class VoteRefused(Exception):
+    pass
+
+
+class RefusingVote:
+    """A resource manager whose vote fails, sorting before or after
+    mailout's (which sorts as '~mailout:...')."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def sortKey(self):
+        return self.key
+
+    def abort(self, txn):
+        pass
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        raise VoteRefused('this resource manager votes no')
+
+    def tpc_finish(self, txn):
+        pass
+
+    def tpc_abort(self, txn):
+        pass
+
+
+def child_main(config_path, iteration, seed):
+    """Commit, abort and refuse random transactions, report each step on
+    stdout; then idle (the processor keeps delivering) until killed."""
+    import transaction
+
+    from mailout import config
+    from mailout import factories
+
+    rng = random.Random(seed)
+    _, deliveries = factories.build_all(config.load(config_path))
+    delivery = deliveries['crash']
+
+    def say(*words):
+        os.write(1, (' '.join(words) + '\n').encode())
+
+    counter = iter(range(1, 1 << 30))
+
+    def send_some(count):
+        ids = []
+        for _ in range(count):
+            mid = f'crash-{iteration}-{next(counter)}@test'
+            to = [a for a in RECIPIENTS if rng.random() < 0.6] \
+                or [RECIPIENTS[0]]
+            if rng.random() < 0.3:
+                to.append(FLAKY)
+            size = rng.choice((0, 0, 0, 0, 0, 0, 0, 2000, 60000, 250000))
+            body = ''.join(f'line {i} of {mid}\r\n'
+                           for i in range(size // 30 + 1))
+            say('send', mid, ','.join(to))
+            delivery.send('app@example.org', to,
+                          f'From: app@example.org\r\nTo: {", ".join(to)}\r\n'
+                          f'Message-Id: <{mid}>\r\n'
+                          f'Subject: {mid}\r\n\r\n{body}')
+            ids.append(mid)
+        return ids
+
+    say('ready')
+    for _ in range(rng.randint(1, 40)):
+        transaction.begin()
+        kind = rng.random()
+        ids = send_some(rng.randint(1, 5))
+        if kind < 0.6:
+            say('commit', *ids)
+            transaction.commit()
+            say('committed', *ids)
+        elif kind < 0.75:
+            say('abort', *ids)
+            transaction.abort()
+        elif kind < 0.87:
+            transaction.get().join(RefusingVote(
+                rng.choice(('aaa:refuser', '~~~:refuser'))))
+            say('doomed', *ids)
+            try:
+                transaction.commit()
+            except VoteRefused:
+                transaction.abort()
+            else:
+                raise AssertionError('the refusing vote did not refuse')
+        else:
+            savepoint = transaction.savepoint()
+            dropped = send_some(rng.randint(1, 3))
+            say('rollback', *dropped)
+            savepoint.rollback()
+            say('commit', *ids)
+            transaction.commit()
+            say('committed', *ids)
+    say('idle')
+    threading.Event().wait()
+
+
+class ChildProcess:
+    """A child and the lines it wrote, read as they come."""
+
+    def __init__(self, config_path, iteration, seed, stderr):
+        self.process = subprocess.Popen(
+            [sys.executable, HERE, '--child', config_path, str(iteration),
+             '--seed', str(seed)],
+            stdout=subprocess.PIPE, stderr=stderr)
+        self.pid = self.process.pid
+        self.lines = []
+        self._changed = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        pending = b''
+        fd = self.process.stdout.fileno()
+        while True:
+            data = os.read(fd, 65536)
+            with self._changed:
+                if not data:
+                    self._eof = True
+                    self._changed.notify_all()
+                    return
+                pending += data
+                *complete, pending = pending.split(b'\n')
+                self.lines.extend(line.decode() for line in complete)
+                self._changed.notify_all()
+
+    def wait_for(self, word, nth=1, timeout=10):
+        """Wait until the ``nth`` line starting with ``word``; False if the
+        child ended or the timeout passed first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                seen = sum(1 for line in self.lines
+                           if line.split(' ', 1)[0] == word)
+                if seen >= nth:
+                    return True
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+
+    def kill(self):
+        """SIGKILL, reap, and return every complete line it wrote."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        returncode = self.process.wait()
+        self._reader.join(10)
+        self.process.stdout.close()
+        return returncode, list(self.lines)
+
+
+# -- the harness --------------------------------------------------------------
+
+@dataclasses.dataclass
+class Summary:
+    iterations: int = 0
+    seconds: float = 0.0
+    seed: int = 0
+    transactions: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    kills_at: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    recovered_by: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    claims_in_flight: int = 0       # claims held by killed children
+    recipients_in_flight: int = 0   # their recipients
+    tmp_files_at_kill: int = 0      # voted, not finished when killed
+    rewrites_at_kill: int = 0       # killed while rewriting a claim
+    committed: int = 0              # messages whose commit returned
+    committed_delivered: int = 0
+    unknown: int = 0                # in the commit that was killed
+    unknown_delivered: int = 0
+    not_to_send: int = 0            # aborted, refused, rolled back, unfinished
+    not_to_send_delivered: int = 0
+    recipient_copies: int = 0       # (message, recipient) arrivals in all
+    duplicates_in_flight: int = 0   # extra copies of in-flight recipients
+    duplicates_other: int = 0
+    child_errors: int = 0
+    failures: list = dataclasses.field(default_factory=list)
+
+    @property
+    def failure_kinds(self):
+        """How many failures of each kind ("lost", "duplicate", ...)."""
+        return collections.Counter(f.split(':', 1)[0] for f in self.failures)
+
+    def text(self):
+        t = self.transactions
+        k = ', '.join(f'{n} {what}' for what, n in sorted(
+            self.kills_at.items(), key=lambda i: -i[1]))
+        r = ', '.join(f'{n} by {who}'
+                      for who, n in sorted(self.recovered_by.items()))
+        lines = [
+            f'crash loop: {self.iterations} iterations in '
+            f'{self.seconds:.1f} s (seed {self.seed})',
+            f'  transactions: {t["commit"]} committed, {t["abort"]} aborted,'
+            f' {t["doomed"]} refused in the vote, {t["rollback"]} with a '
+            'savepoint rollback',
+            f'  kills landed: {k}',
+            f'  at the kill: {self.claims_in_flight} claims in flight in cur/'
+            f' ({self.recipients_in_flight} recipients), '
+            f'{self.tmp_files_at_kill} voted files in tmp/, '
+            f'{self.rewrites_at_kill} claim rewrites in tmp/',
+            f'  recovery: {r}',
+            f'  messages committed (commit returned): {self.committed}, '
+            f'delivered: {self.committed_delivered}',
+            f'  messages in the commit that was killed: {self.unknown}, '
+            f'delivered: {self.unknown_delivered}, not delivered: '
+            f'{self.unknown - self.unknown_delivered}',
+            f'  messages aborted/refused/rolled back/unfinished: '
+            f'{self.not_to_send}, not delivered: '
+            f'{self.not_to_send - self.not_to_send_delivered}',
+            f'  copies received (message x recipient): '
+            f'{self.recipient_copies}',
+            f'  duplicates: {self.duplicates_in_flight} of messages in '
+            'flight at a kill (RFC 1047 window, allowed), '
+            f'{self.duplicates_other} other',
+            f'  child errors logged: {self.child_errors}',
+            f'  failures: {len(self.failures)}' + (' (' + ', '.join(
+                f'{n} {kind}' for kind, n in self.failure_kinds.items())
+                + ')' if self.failures else ''),
+        ]
+        lines += [f'    {f}' for f in self.failures[:30]]
+        if len(self.failures) > 30:
+            lines.append(f'    ... and {len(self.failures) - 30} more')
+        return '\n'.join(lines)
+
+
+CONFIG = '''<mailout>
+<smtp-mailer relay>
+  host 127.0.0.1:{port}
+  tls none
+  timeout 10s
+</smtp-mailer>
+<queued-delivery crash>
+  mailer relay
+  queue-path {queue}
+  connections {connections}
+  poll-interval 1s
+  min-backoff 1s
+  max-backoff 2s
+</queued-delivery>
+</mailout>
+'''
+
+class CrashLoop:
+
+    def __init__(self, directory, seed, max_delay=0.06, harness_share=0.7,
+                 verbose=False):
+        self.directory = directory
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.max_delay = max_delay
+        self.harness_share = harness_share
+        self.verbose = verbose
+        self.queue_path = os.path.join(directory, 'queue')
+        self.status = {}        # message id -> state (see _absorb)
+        self.rcpts = {}         # message id -> recipients
+        self.groups = {}        # message id -> the ids of its transaction
+        self.allowed = collections.Counter()    # (id, rcpt) -> extra copies
+        self.arrived = collections.Counter()    # (id, rcpt) -> copies
+        self.summary = Summary(seed=seed)
+        self._reported = set()
+
+    def run(self, iterations):
+        started = time.monotonic()
+        self.sink = SinkProcess(self.directory, self.seed)
+        try:
+            self.configs = [self._write_config(n) for n in (1, 2)]
+            from mailout import config
+            from mailout import factories
+            _, deliveries = factories.build_all(
+                config.load(self.configs[0]))
+            self.delivery = deliveries['crash']
+            self.queue = self.delivery.queue
+            self.processor = self.delivery.processor
+            for iteration in range(1, iterations + 1):
+                self.iteration(iteration, last=iteration == iterations)
+                self.summary.iterations = iteration
+            time.sleep(0.2)     # stragglers of killed connections
+            self.drain()
+            self.check(final=True)
+        finally:
+            self.sink.stop()
+            self.processor.mailer.close()
+        self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _write_config(self, connections):
+        path = os.path.join(self.directory, f'crash-{connections}.conf')
+        with open(path, 'w') as f:
+            f.write(CONFIG.format(port=self.sink.port, queue=self.queue_path,
+                                  connections=connections))
+        return path
+
+    def iteration(self, n, last=False):
+        stderr_path = os.path.join(self.directory, 'child-stderr.txt')
+        with open(stderr_path, 'wb') as stderr:
+            child = ChildProcess(self.rng.choice(self.configs), n,
+                                 self.rng.randrange(1 << 32), stderr)
+        if not child.wait_for('ready', timeout=30):
+            returncode, lines = child.kill()
+            self.fail(f'child: iteration {n}: the child did not start '
+                      f'(exit {returncode}): {_tail(stderr_path)}')
+            return
+        how = self.rng.random()
+        if how < 0.5:
+            time.sleep(self.rng.uniform(0, self.max_delay))
+        else:
+            word = 'commit' if how < 0.8 else 'committed'
+            child.wait_for(word, self.rng.randint(1, 6), timeout=1)
+            time.sleep(self.rng.uniform(0, 0.003))
+        returncode, lines = child.kill()
+        if returncode != -signal.SIGKILL:
+            self.fail(f'child: iteration {n}: the child ended by itself (exit '
+                      f'{returncode}): {_tail(stderr_path)}')
+        with open(stderr_path, 'rb') as f:
+            errors = f.read().decode('utf-8', 'replace')
+        if 'Traceback' in errors or 'ERROR' in errors \
+                or 'unexpected error' in errors:
+            self.summary.child_errors += 1
+            self.fail(f'child: iteration {n}: the child logged an error: '
+                      f'{errors[-2000:]}')
+        self._absorb(lines)
+        self._look_at_queue_after_kill(child.pid)
+        if last or self.rng.random() < self.harness_share:
+            self.summary.recovered_by['the harness'] += 1
+            self.drain()
+            self.check(final=True)
+        else:
+            self.summary.recovered_by['the next child'] += 1
+            self.check(final=False)
+        if self.verbose:
+            print(f'iteration {n}: {len(lines)} lines, '
+                  f'{len(self.summary.failures)} failures', flush=True)
+
+    def _absorb(self, lines):
+        """Update each message's state from what the killed child said."""
+        last = 'nothing'
+        for line in lines:
+            word, *args = line.split(' ')
+            last = word
+            if word == 'send':
+                self.status[args[0]] = 'unfinished'
+                self.rcpts[args[0]] = tuple(args[1].split(','))
+            elif word == 'commit':
+                self.status.update(dict.fromkeys(args, 'unknown'))
+                self.groups.update(dict.fromkeys(args, tuple(args)))
+            elif word == 'committed':
+                self.status.update(dict.fromkeys(args, 'committed'))
+                self.summary.transactions['commit'] += 1
+            elif word == 'abort':
+                self.status.update(dict.fromkeys(args, 'aborted'))
+                self.summary.transactions['abort'] += 1
+            elif word == 'doomed':
+                self.status.update(dict.fromkeys(args, 'doomed'))
+                self.summary.transactions['doomed'] += 1
+            elif word == 'rollback':
+                self.status.update(dict.fromkeys(args, 'rolledback'))
+                self.summary.transactions['rollback'] += 1
+        self.summary.kills_at[{
+            'nothing': 'before ready', 'ready': 'before the first send',
+            'send': 'in or after send()', 'commit': 'inside commit',
+            'committed': 'after a commit', 'abort': 'in abort',
+            'doomed': 'in a refused commit', 'rollback': 'in a rollback',
+            'idle': 'while idle (processor working)'}[last]] += 1
+
+    def _look_at_queue_after_kill(self, pid):
+        """Allow one more copy of each recipient the dead child held a
+        claim for; count its unfinished writes."""
+        for name in os.listdir(os.path.join(self.queue_path, 'cur')):
+            parts = name.split(',')
+            if len(parts) != 4 or parts[2] != str(pid):
+                continue
+            try:
+                mid, toaddrs = _read_queue_file(
+                    os.path.join(self.queue_path, 'cur', name))
+            except FileNotFoundError:
+                continue
+            self.summary.claims_in_flight += 1
+            for to in toaddrs:
+                self.allowed[mid, to] += 1
+                self.summary.recipients_in_flight += 1
+        for name in os.listdir(os.path.join(self.queue_path, 'tmp')):
+            if name.endswith('.rewrite'):
+                if name.split(',')[2:3] == [str(pid)]:
+                    self.summary.rewrites_at_kill += 1
+            elif name.split('.')[1:2] and \
+                    name.split('.')[1].split('_')[0] == str(pid):
+                self.summary.tmp_files_at_kill += 1
+
+    def drain(self):
+        """Recover and deliver everything queued, in this process."""
+        q = self.queue
+        for _ in range(200):
+            q.recover()
+            q.promote_due(now=time.time() + 1e9)
+            try:
+                self.processor.run_once()
+            except Exception as e:
+                self.fail(f'queue: run_once raised {e!r}')
+                break
+            if not any(os.listdir(os.path.join(q.path, area))
+                       for area in ('new', 'cur', 'deferred')):
+                break
+        else:
+            self.fail('queue: the queue did not drain: ' + ', '.join(
+                f'{area}: {q.count(area)}'
+                for area in ('new', 'cur', 'deferred')))
+        if q.count('failed'):
+            self.fail(f'queue: {q.count("failed")} message(s) in failed/: '
+                      f'{os.listdir(os.path.join(q.path, "failed"))[:5]}')
+        if q.count('tmp'):
+            self.fail(f'queue: tmp/ not cleaned by recovery: '
+                      f'{os.listdir(os.path.join(q.path, "tmp"))[:5]}')
+
+    def check(self, final):
+        """Compare what arrived with what the children said.  Only after a
+        drain (``final``) must every committed message have arrived."""
+        self.sink.sync()
+        for record in self.sink.new_records():
+            if record['id'] and record['id'].startswith('crash-'):
+                for to in record['rcpt']:
+                    self.arrived[record['id'], to] += 1
+        s = self.summary
+        s.committed = s.committed_delivered = s.unknown = \
+            s.unknown_delivered = s.not_to_send = s.not_to_send_delivered \
+            = s.recipient_copies = s.duplicates_in_flight \
+            = s.duplicates_other = 0
+        known = set()
+        for mid, state in self.status.items():
+            copies = [self.arrived[mid, to] for to in self.rcpts[mid]]
+            known.update((mid, to) for to in self.rcpts[mid])
+            s.recipient_copies += sum(copies)
+            if state == 'committed':
+                s.committed += 1
+                s.committed_delivered += all(copies)
+                if final and not all(copies):
+                    self.fail(f'lost: {mid} (commit returned) never arrived'
+                              f' for {self._missing(mid)}', key=('lost', mid))
+            elif state == 'unknown':
+                s.unknown += 1
+                s.unknown_delivered += any(copies)
+            else:
+                s.not_to_send += 1
+                s.not_to_send_delivered += any(copies)
+                if any(copies):
+                    self.fail(f'sent uncommitted: {mid} arrived though its '
+                              f'transaction did not commit ({state})',
+                              key=('sent', mid))
+            for to in self.rcpts[mid]:
+                extra = self.arrived[mid, to] - 1
+                if extra <= 0:
+                    continue
+                allowed = min(extra, self.allowed[mid, to])
+                s.duplicates_in_flight += allowed
+                s.duplicates_other += extra - allowed
+                if extra > allowed:
+                    self.fail(f'duplicate: {mid} arrived {extra + 1} times '
+                              f'for {to}, in flight at {allowed} kill(s)',
+                              key=('dup', mid, to))
+            if final and state == 'unknown' and any(copies) \
+                    and not all(copies):
+                self.fail(f'partly delivered: {mid} ({state}) arrived for '
+                          f'some recipients only, missing '
+                          f'{self._missing(mid)}', key=('partly', mid))
+        if final:
+            self._check_atomicity()
+        for key, copies in self.arrived.items():
+            if key not in known:
+                self.fail(f'unexpected: {key} arrived x{copies}',
+                          key=('unexpected',) + key)
+
+    def _check_atomicity(self):
+        # The commit a child was killed in may have happened or not, but
+        # for all its messages alike: one arrived, so the transaction
+        # reached tpc_finish (every resource manager voted yes, a ZODB
+        # storage before mailout's finished) and the others must arrive.
+        for mid, state in self.status.items():
+            if state != 'unknown' or any(
+                    self.arrived[mid, to] for to in self.rcpts[mid]):
+                continue
+            arrived = [other for other in self.groups[mid]
+                       if any(self.arrived[other, to]
+                              for to in self.rcpts[other])]
+            if arrived:
+                self.fail(f'partial commit: {mid} never arrived, though '
+                          f'{arrived} of its transaction (the commit that was '
+                          'killed) did',
+                          key=('lost', mid))
+
+    def _missing(self, mid):
+        return [to for to in self.rcpts[mid] if not self.arrived[mid, to]]
+
+    def fail(self, text, key=None):
+        if key is None and text.startswith('queue:'):
+            key = text
+        if key is not None:
+            if key in self._reported:
+                return
+            self._reported.add(key)
+        self.summary.failures.append(text)
+        if self.verbose:
+            print('FAILURE:', text, flush=True)
+
+
+def _read_queue_file(path):
+    """(message id, recipients) of a queue file."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    envelope, _, message = data.partition(b'\r\n\r\n')
+    toaddrs = [line.split(b': ', 1)[1].decode()
+               for line in envelope.split(b'\r\n')
+               if line.startswith(b'X-Mailout-To: ')]
+    match = _MESSAGE_ID.search(message)
+    return (match.group(1).decode() if match else None), toaddrs
+
+
+def _tail(path, size=2000):
+    try:
+        with open(path, 'rb') as f:
+            return f.read()[-size:].decode('utf-8', 'replace')
+    except OSError as e:
+        return str(e)
+
+
+def run(iterations, seed=None, directory=None, verbose=False, **options):
+    """Run the crash loop; return its `Summary`."""
+    seed = random.randrange(1 << 32) if seed is None else seed
+    own = directory is None
+    directory = directory or tempfile.mkdtemp(prefix='mailout-crash-')
+    try:
+        return CrashLoop(directory, seed, verbose=verbose,
+                         **options).run(iterations)
+    finally:
+        if own:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--iterations', type=int, default=200)
+    parser.add_argument('--seed', type=int)
+    parser.add_argument('--max-delay-ms', type=float, default=60,
+                        help='longest random delay before the kill')
+    parser.add_argument('--dir', help='work here and keep the files')
+    parser.add_argument('-v', '--verbose', action='store_true')
+    parser.add_argument('--sink', metavar='RECORDS', help=argparse.SUPPRESS)
+    parser.add_argument('--child', nargs=2, metavar=('CONFIG', 'ITERATION'),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sink:
+        return sink_main(args.sink, args.seed)
+    if args.child:
+        return child_main(args.child[0], int(args.child[1]), args.seed)
+    import logging
+    logging.getLogger('mailout').addHandler(logging.NullHandler())
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
+    summary = run(args.iterations, args.seed, args.dir, args.verbose,
+                  max_delay=args.max_delay_ms / 1000)
+    print(summary.text())
+    return 1 if summary.failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
