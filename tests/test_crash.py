@@ -6,17 +6,9 @@ varies), or run ``python tests/crashloop.py --iterations 1000``.
 """
 import os
 
-import pytest
-
 import crashloop
 
 ITERATIONS = int(os.environ.get('MAILOUT_CRASH_ITERATIONS', '400'))
-
-# Known bug, not yet fixed in src/: a kill between the renames of
-# Queue.commit leaves a transaction's first messages in new/ and the rest in
-# tmp/, which recovery then deletes as unfinished writes.  Remove this once
-# Queue.commit moves a transaction's messages all or none.
-KNOWN_BUGS = {'partial commit'}
 
 
 def test_kill_9_at_random_moments(tmp_path):
@@ -28,8 +20,4 @@ def test_kill_9_at_random_moments(tmp_path):
     print(summary.text())
     assert summary.iterations == ITERATIONS
     assert summary.committed > ITERATIONS       # the children did work
-    other = [f for f in summary.failures
-             if f.split(':', 1)[0] not in KNOWN_BUGS]
-    assert other == [], summary.text()
-    if summary.failures:
-        pytest.xfail('known bug: ' + summary.failures[0])
+    assert summary.failures == [], summary.text()
