@@ -27,6 +27,7 @@ import threading
 
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import syntax
 
 
 class Recorder:
@@ -74,7 +75,9 @@ class Recorder:
             'tls': session.ssl is not None
             or server.transport.get_extra_info('ssl_object') is not None,
             'auth': bool(session.authenticated),
-            'peer': session.peer[1],
+            # The client's port; on a unix socket, the connection's id.
+            'peer': session.peer[1] if isinstance(session.peer, tuple)
+            else id(server),
         }
         misbehaviour = server.fault_at('after-dot')
         if misbehaviour:
@@ -83,8 +86,22 @@ class Recorder:
             await server.misbehave(misbehaviour)
         if self.args.data_reply and self.fault():
             return self.args.data_reply
+        if self.args.lmtp:
+            return self.lmtp_replies(envelope, record)
         self.save(record, 'json')
         return '250 Message accepted'
+
+    def lmtp_replies(self, envelope, record):
+        # LMTP answers the final dot once per accepted recipient; each line
+        # of the returned text goes out as one reply.
+        replies = [self.args.deliver_reply.get(rcpt, '250 2.0.0 delivered')
+                   for rcpt in envelope.rcpt_tos]
+        record['rcpt_tos'] = [rcpt for rcpt, reply in
+                              zip(envelope.rcpt_tos, replies)
+                              if reply.startswith('2')]
+        if record['rcpt_tos']:
+            self.save(record, 'json')
+        return '\r\n'.join(replies)
 
     def save(self, record, extension):
         name = f'{next(self.counter):06d}.{extension}'
@@ -92,6 +109,20 @@ class Recorder:
         with open(tmp, 'w') as f:
             json.dump(record, f)
         os.rename(tmp, os.path.join(self.directory, name))
+
+
+class LHLOMixin:
+    """LMTP's greeting (aiosmtpd.lmtp.LMTP's, over the sink's faults)."""
+    show_smtp_greeting = False
+
+    @syntax('LHLO hostname')
+    async def smtp_LHLO(self, arg):
+        await super().smtp_EHLO(arg)
+
+    async def smtp_EHLO(self, arg):
+        await self.push('500 Error: command "EHLO" not recognized')
+
+    smtp_HELO = smtp_EHLO
 
 
 #: Where --drop-at and --stall-at can strike: before the greeting, on the
@@ -213,6 +244,14 @@ def main(argv=None):
     parser.add_argument('--starttls', nargs=2, metavar=('CERT', 'KEY'))
     parser.add_argument('--ssl', nargs=2, metavar=('CERT', 'KEY'))
     parser.add_argument('--require-starttls', action='store_true')
+    parser.add_argument('--lmtp', action='store_true',
+                        help='speak LMTP (RFC 2033) instead of SMTP')
+    parser.add_argument('--unix', metavar='PATH',
+                        help='listen on this unix socket (prints 0)')
+    parser.add_argument('--deliver-reply', action='append', default=[],
+                        metavar='ADDRESS=REPLY',
+                        help='LMTP: answer the final dot for ADDRESS with '
+                             'REPLY')
     parser.add_argument('--smtputf8', action='store_true',
                         help='offer SMTPUTF8 (RFC 6531)')
     parser.add_argument('--auth', metavar='USER:PASSWORD')
@@ -246,6 +285,7 @@ def main(argv=None):
                         help='apply the faults above N times only')
     args = parser.parse_args(argv)
     args.refuse = dict(r.split('=', 1) for r in args.refuse)
+    args.deliver_reply = dict(r.split('=', 1) for r in args.deliver_reply)
     if args.stall is not None and args.stall_at is None:
         args.stall_at = 'connect'
     if args.stall is None:
@@ -266,17 +306,22 @@ def main(argv=None):
 
     # IPPROTO_TCP explicitly, or asyncio sets no TCP_NODELAY (+40 ms a
     # connection through Nagle and delayed ACKs).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
-                         socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(('127.0.0.1', 0))
+    if args.unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.unix)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(('127.0.0.1', 0))
     sock.listen(128)
+    protocol = SinkLMTP if args.lmtp else SinkSMTP
 
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(loop.create_server(
-        lambda: SinkSMTP(handler, **options), sock=sock,
+        lambda: protocol(handler, **options), sock=sock,
         ssl=tls_context(*args.ssl) if args.ssl else None))
-    print(sock.getsockname()[1], flush=True)
+    print(0 if args.unix else sock.getsockname()[1], flush=True)
 
     def stop_when_stdin_closes():
         sys.stdin.read()
@@ -286,6 +331,10 @@ def main(argv=None):
         loop.run_forever()
     finally:
         server.close()
+
+
+class SinkLMTP(LHLOMixin, SinkSMTP):
+    """The sink speaking LMTP."""
 
 
 if __name__ == '__main__':

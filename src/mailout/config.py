@@ -111,6 +111,51 @@ class SMTPMailerSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LMTPMailerSettings:
+    name: str
+    destination: str        # "host:port" or a unix socket path
+    relays: tuple           # ((host or path, port or None),)
+    timeout: float
+    local_hostname: Optional[str]
+    messages_per_connection: int
+    smtputf8: bool
+    down_time: float = 0    # one server: never rest
+
+    @classmethod
+    def from_section(cls, section):
+        name = section.getSectionName()
+        if bool(section.host) == bool(section.path):
+            raise ZConfig.ConfigurationError(
+                f'lmtp-mailer {name!r}: give host or path (not both)')
+        if section.path:
+            relay, destination = (section.path, None), section.path
+        else:
+            host, port = section.host
+            relay = (host, port or section.port)
+            destination = '%s:%s' % relay
+        return cls(name=name, destination=destination, relays=(relay,),
+                   timeout=section.timeout,
+                   local_hostname=section.local_hostname,
+                   messages_per_connection=max(
+                       section.messages_per_connection, 1),
+                   smtputf8=section.smtputf8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendmailMailerSettings:
+    name: str
+    path: str
+    arguments: tuple
+    timeout: float
+
+    @classmethod
+    def from_section(cls, section):
+        return cls(name=section.getSectionName(), path=section.path,
+                   arguments=tuple(section.arguments),
+                   timeout=section.timeout)
+
+
+@dataclasses.dataclass(frozen=True)
 class QueuedDeliverySettings:
     name: str
     mailer: str
@@ -192,6 +237,8 @@ class MailoutSettings:
 
 # Section datatypes named in component.xml.
 smtp_mailer = SMTPMailerSettings.from_section
+lmtp_mailer = LMTPMailerSettings.from_section
+sendmail_mailer = SendmailMailerSettings.from_section
 queued_delivery = QueuedDeliverySettings.from_section
 direct_delivery = DirectDeliverySettings.from_section
 mailout_section = MailoutSettings.from_section

@@ -2,11 +2,15 @@
 from mailout import config
 from mailout.delivery import DirectDelivery
 from mailout.delivery import QueuedDelivery
+from mailout.mailers import LMTPMailer
+from mailout.mailers import SendmailMailer
 from mailout.mailers import SMTPMailer
 from mailout.processor import Processor
 from mailout.processor import RetryPolicy
 
-MAILERS = {config.SMTPMailerSettings: SMTPMailer}
+MAILERS = {config.SMTPMailerSettings: SMTPMailer,
+           config.LMTPMailerSettings: LMTPMailer,
+           config.SendmailMailerSettings: SendmailMailer}
 
 
 def build_mailer(settings):

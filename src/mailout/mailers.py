@@ -11,6 +11,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
@@ -138,11 +139,9 @@ class SMTPMailer:
                 code, text = connection.data(message)
             except smtplib.SMTPDataError as e:
                 # smtplib raises this for a non-354 answer to DATA.
-                code, text = e.smtp_code, e.smtp_error
-            if code != 250:
                 self._rset(connection)
-                return _abandoned(toaddrs, refused, code, text)
-            return refused
+                return _abandoned(toaddrs, refused, e.smtp_code, e.smtp_error)
+            return self._after_data(connection, toaddrs, refused, code, text)
         except (smtplib.SMTPException, OSError) as e:
             # Connection lost or timed out mid-transaction.  If that was
             # after the final dot, the relay may have the message: RFC 1047's
@@ -153,6 +152,13 @@ class SMTPMailer:
                 self._mark_down(self._local.relay, reason)
             raise TransientDeliveryError(
                 (None, f'{_address(self._local.relay)}: {reason}')) from None
+
+    def _after_data(self, connection, toaddrs, refused, code, text):
+        """The refused recipients, given the reply to the final dot."""
+        if code != 250:
+            self._rset(connection)
+            return _abandoned(toaddrs, refused, code, text)
+        return refused
 
     def _rset(self, connection):
         # After a refusal the server may have closed the connection (it
@@ -288,3 +294,95 @@ def _describe(error):
         return f'{error.smtp_code} {_text(error.smtp_error)}'
     return f'{type(error).__name__}: {error}' if str(error) \
         else type(error).__name__
+
+
+@implementer(IMailer)
+class LMTPMailer(SMTPMailer):
+    """Hand messages to an LMTP server (RFC 2033), such as Mailman 3's LMTP
+    runner, over TCP or a unix socket.  The server answers the final dot
+    once per accepted recipient; each recipient's reply counts."""
+
+    def __repr__(self):
+        return f'<LMTPMailer {self.name!r} {self.settings.destination}>'
+
+    def _open(self, host, port):
+        # smtplib.LMTP takes a path starting with "/" as a unix socket.
+        connection = smtplib.LMTP(host, port or 0,
+                                  local_hostname=self.settings.local_hostname
+                                  or _fqdn())
+        if connection.sock is not None:
+            connection.sock.settimeout(self.settings.timeout)
+        try:
+            connection.ehlo_or_helo_if_needed()     # LHLO
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _after_data(self, connection, toaddrs, refused, code, text):
+        # smtplib read the first reply only (CPython issue 76984); read one
+        # more for every other accepted recipient, in RCPT order.
+        accepted = [a for a in toaddrs if a not in refused]
+        replies = [(code, text)] + [connection.getreply()
+                                    for _ in accepted[1:]]
+        refused = dict(refused)
+        for address, (code, text) in zip(accepted, replies):
+            if code != 250:
+                refused[address] = (code, _text(text))
+        return refused
+
+
+@implementer(IMailer)
+class SendmailMailer:
+    """Run the local sendmail program: ``sendmail -i -f FROM -- TO...``,
+    with no shell, the message on its standard input."""
+
+    # sysexits.h: what the program's exit status says about retrying.
+    PERMANENT_EXITS = {64: 'EX_USAGE', 65: 'EX_DATAERR', 67: 'EX_NOUSER',
+                       68: 'EX_NOHOST', 69: 'EX_UNAVAILABLE',
+                       77: 'EX_NOPERM'}
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.name = settings.name
+        self.smtputf8 = False
+
+    def __repr__(self):
+        return f'<SendmailMailer {self.name!r} {self.settings.path}>'
+
+    def vote(self, fromaddr, toaddrs, message):
+        pass
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
+
+    def send(self, fromaddr, toaddrs, message):
+        command = [self.settings.path, *self.settings.arguments,
+                   '-i', '-f', fromaddr, '--', *toaddrs]
+        # A local program takes the local line ending.
+        message = message.replace(b'\r\n', b'\n')
+        try:
+            result = subprocess.run(command, input=message,
+                                    capture_output=True,
+                                    timeout=self.settings.timeout)
+        except subprocess.TimeoutExpired:
+            raise TransientDeliveryError(
+                (None, f'{self.settings.path} did not finish within '
+                       f'{self.settings.timeout:g}s')) from None
+        except OSError as e:
+            raise TransientDeliveryError(
+                (None, f'cannot run {self.settings.path}: {e}')) from None
+        if result.returncode == 0:
+            return {}
+        status = result.returncode
+        output = ' '.join(result.stderr.decode('utf-8', 'replace').split())
+        text = f'{self.settings.path} exited with status {status}' \
+            + (f' ({self.PERMANENT_EXITS[status]})'
+               if status in self.PERMANENT_EXITS else '') \
+            + (f': {output}' if output else '')
+        if status in self.PERMANENT_EXITS:
+            raise PermanentDeliveryError((550, text))
+        raise TransientDeliveryError((451, text))
