@@ -124,6 +124,7 @@ class Queue:
         if len(names) > 1:
             marker = self._area('tmp', _commit_marker(names[0]))
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+            _fsync_directory(self._area('tmp'))     # before any rename
         for name in names:
             os.rename(self._area('tmp', name), self._area('new', name))
         _fsync_directory(self._area('new'))
@@ -270,6 +271,13 @@ class Queue:
         # and rewrites of claims (CLAIM.rewrite).  A dead writer's marker
         # means its transaction committed: finish moving its batch to new/.
         # Its other writes never committed: remove them.
+        # Which local writers are dead is decided before tmp/ is listed: a
+        # writer known dead changes nothing any more, so the listing shows
+        # its final state.  (A listing taken while it lived may lack the
+        # marker it made just before it died: its batch would be half
+        # removed.)
+        dead = {pid for pid in _local_writers(os.listdir(self._area('tmp')))
+                if int(pid) != os.getpid() and not _pid_alive(int(pid))}
         names = os.listdir(self._area('tmp'))
         committed = {}                  # writer -> its marker
         for name in names:
@@ -277,7 +285,7 @@ class Queue:
                 writer, host = name[:-len('.commit')].split('.', 1)
                 if self._writer_is_dead(writer.split('_')[0], host,
                                         self._area('tmp', name), now,
-                                        CLAIM_LEASE):
+                                        CLAIM_LEASE, dead):
                     committed[writer] = name
         for name in names:
             path = self._area('tmp', name)
@@ -291,19 +299,22 @@ class Queue:
             except ValueError:
                 continue
             if f'{pid}_{batch}' in committed:
-                os.rename(path, self._area('new', name))
+                try:
+                    os.rename(path, self._area('new', name))
+                except FileNotFoundError:   # another process moved it
+                    pass
             elif not name.endswith('.commit') and self._writer_is_dead(
-                    pid, host, path, now, TMP_LIFETIME):
+                    pid, host, path, now, TMP_LIFETIME, dead):
                 _unlink(path)
         if committed:
             _fsync_directory(self._area('new'))
             for marker in committed.values():
                 _unlink(self._area('tmp', marker))
 
-    def _writer_is_dead(self, pid, host, path, now, lifetime):
+    def _writer_is_dead(self, pid, host, path, now, lifetime, dead):
         if host != _HOST:
             return now - _mtime(path, now) > lifetime
-        return int(pid) != os.getpid() and not _pid_alive(int(pid))
+        return pid in dead
 
     def _owner_is_dead(self, claimed, now):
         try:
@@ -570,6 +581,24 @@ def _fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _local_writers(names):
+    """The pids of this host's writers of ``tmp/`` files ``names``."""
+    pids = set()
+    for name in names:
+        try:
+            if name.endswith('.commit'):
+                writer, host = name[:-len('.commit')].split('.', 1)
+            else:
+                _, writer, host = name.split('.', 2)
+            pid = writer.split('_')[0]
+            int(pid)
+        except ValueError:
+            continue
+        if host == _HOST:
+            pids.add(pid)
+    return pids
 
 
 def _commit_marker(name):
