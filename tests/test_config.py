@@ -130,3 +130,12 @@ def test_durations(text, seconds):
 def test_bad_duration():
     with pytest.raises(ZConfig.DataConversionError, match='not a duration'):
         loads('<smtp-mailer relay>\n timeout soonish\n</smtp-mailer>')
+
+
+@pytest.mark.parametrize('body', [
+    '<smtp-mailer r>\n messages-per-connection 0\n</smtp-mailer>',
+    '<smtp-mailer r>\n</smtp-mailer>\n<queued-delivery q>\n mailer r\n'
+    ' queue-path /tmp/q\n connections 0\n</queued-delivery>'])
+def test_counts_must_be_positive(body):
+    with pytest.raises(ZConfig.DataConversionError, match='at least 1'):
+        loads(body)

@@ -38,6 +38,14 @@ def duration(value):
                          '0.5s, 5m, 1h 30m, 5d)') from None
 
 
+def positive_integer(value):
+    """Datatype of counts that must be at least 1."""
+    number = int(value)
+    if number < 1:
+        raise ValueError(f'must be at least 1, not {number}')
+    return number
+
+
 def relay_host(value):
     """Datatype of a ``host`` line: ``host`` or ``host:port`` ->
     ``(host, port or None)``."""
@@ -50,6 +58,17 @@ def relay_host(value):
     if not host or any(c.isspace() for c in host):
         raise ValueError(f'not a host name or address: {value!r}')
     return host, port
+
+
+def _settings(cls, section, **computed):
+    """An instance of the settings dataclass ``cls`` for a ZConfig section:
+    ``name`` is the section's, each other field the key of the same name
+    unless ``computed`` gives it."""
+    values = {'name': section.getSectionName(), **computed}
+    for field in dataclasses.fields(cls):
+        if field.name not in values and hasattr(section, field.name):
+            values[field.name] = getattr(section, field.name)
+    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +100,11 @@ class SMTPMailerSettings:
                 and not section.username:
             raise ZConfig.ConfigurationError(
                 f'smtp-mailer {name!r}: a password needs a username')
-        tls = section.tls or ('starttls' if section.username
-                              else 'opportunistic')
-        return cls(
-            name=name,
+        return _settings(
+            cls, section,
             hosts=tuple(section.hosts) or (('localhost', None),),
-            port=section.port, tls=tls,
-            username=section.username, password=section.password,
-            password_file=section.password_file,
-            timeout=section.timeout, local_hostname=section.local_hostname,
-            ca_file=section.ca_file,
-            verify_certificates=section.verify_certificates,
-            allow_plain_auth=section.allow_plain_auth,
-            down_time=section.down_time,
-            messages_per_connection=max(section.messages_per_connection, 1),
-            smtputf8=section.smtputf8)
+            tls=section.tls or ('starttls' if section.username
+                                else 'opportunistic'))
 
     @property
     def relays(self):
@@ -133,12 +142,8 @@ class LMTPMailerSettings:
             host, port = section.host
             relay = (host, port or section.port)
             destination = '%s:%s' % relay
-        return cls(name=name, destination=destination, relays=(relay,),
-                   timeout=section.timeout,
-                   local_hostname=section.local_hostname,
-                   messages_per_connection=max(
-                       section.messages_per_connection, 1),
-                   smtputf8=section.smtputf8)
+        return _settings(cls, section, destination=destination,
+                         relays=(relay,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +155,7 @@ class SendmailMailerSettings:
 
     @classmethod
     def from_section(cls, section):
-        return cls(name=section.getSectionName(), path=section.path,
-                   arguments=tuple(section.arguments),
-                   timeout=section.timeout)
+        return _settings(cls, section, arguments=tuple(section.arguments))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,20 +178,8 @@ class QueuedDeliverySettings:
             raise ZConfig.ConfigurationError(
                 f'queued-delivery {section.getSectionName()!r}: min-backoff '
                 'is longer than max-backoff')
-        if section.connections < 1:
-            raise ZConfig.ConfigurationError(
-                f'queued-delivery {section.getSectionName()!r}: connections '
-                'must be at least 1')
-        return cls(name=section.getSectionName(), mailer=section.mailer,
-                   queue_path=os.path.abspath(section.queue_path),
-                   processor=section.processor,
-                   connections=section.connections,
-                   rate=section.rate,
-                   poll_interval=section.poll_interval,
-                   max_message_size=section.max_message_size,
-                   min_backoff=section.min_backoff,
-                   max_backoff=section.max_backoff,
-                   max_lifetime=section.max_lifetime)
+        return _settings(cls, section,
+                         queue_path=os.path.abspath(section.queue_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +190,7 @@ class DirectDeliverySettings:
 
     @classmethod
     def from_section(cls, section):
-        return cls(name=section.getSectionName(), mailer=section.mailer,
-                   max_message_size=section.max_message_size)
+        return _settings(cls, section)
 
 
 @dataclasses.dataclass(frozen=True)
