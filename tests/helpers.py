@@ -70,3 +70,22 @@ def message(subject='Hello', body='Hi there.\n', headers=''):
     text = (f'From: sender@example.org\nTo: ann@example.org\n'
             f'Subject: {subject}\n{headers}\n{body}')
     return text.replace('\n', '\r\n').encode()
+
+
+def mailer_and_queue(tmp_path, mailer_section):
+    """The mailer of ``mailer_section`` (a whole ``<...-mailer NAME>``
+    section) and a queue in ``tmp_path/q``, built from real configuration.
+    """
+    from mailout import config
+    from mailout.factories import build_all
+    settings = config.loads(f'''<mailout>
+        {mailer_section}
+        <queued-delivery default>
+          mailer {mailer_section.split('>', 1)[0].split()[-1]}
+          queue-path {tmp_path}/q
+          processor off
+        </queued-delivery>
+    </mailout>''')
+    mailers, deliveries = build_all(settings)
+    [mailer] = mailers.values()
+    return mailer, deliveries['default'].queue

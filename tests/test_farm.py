@@ -2,30 +2,20 @@
 import os
 import time
 
-from mailout import config
-from mailout.factories import build_all
+from helpers import mailer_and_queue
 from mailout.message import prepare
 from mailout.processor import Processor
 
 
 def farm(tmp_path, ports, connections=1, extra=''):
     hosts = '\n'.join(f'host 127.0.0.1:{port}' for port in ports)
-    settings = config.loads(f'''<mailout>
-        <smtp-mailer farm>
+    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer farm>
           {hosts}
           tls none
           timeout 2s
           {extra}
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer farm
-          queue-path {tmp_path}/q
-          processor off
-        </queued-delivery>
-    </mailout>''')
-    mailers, deliveries = build_all(settings)
-    queue = deliveries['default'].queue
-    return Processor(queue, mailers['farm'], connections=connections), queue
+        </smtp-mailer>''')
+    return Processor(queue, mailer, connections=connections), queue
 
 
 def enqueue(queue, count, to='ann@example.org', fromaddr='app@example.org',

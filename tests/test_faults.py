@@ -19,8 +19,7 @@ import time
 
 import pytest
 
-from mailout import config
-from mailout.factories import build_all
+from helpers import mailer_and_queue
 from mailout.message import message_id_of
 from mailout.message import prepare
 from mailout.processor import Processor
@@ -42,22 +41,13 @@ def processor_for(tmp_path, port, *mailer_keys):
     shows what one fault does to one message; test_farm.py shows resting.
     """
     keys = '\n'.join(mailer_keys or ['tls none'])
-    settings = config.loads(f'''<mailout>
-        <smtp-mailer relay>
+    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer relay>
           host 127.0.0.1:{port}
           timeout 1s
           down-time 0
           {keys}
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/q
-          processor off
-        </queued-delivery>
-    </mailout>''')
-    mailers, deliveries = build_all(settings)
-    queue = deliveries['default'].queue
-    return Processor(queue, mailers['relay']), queue
+        </smtp-mailer>''')
+    return Processor(queue, mailer), queue
 
 
 def enqueue(queue, *subjects, to=(ANN,), body='body\r\n'):

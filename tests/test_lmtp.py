@@ -1,8 +1,8 @@
 """The LMTP mailer against a real LMTP server process."""
 import os
 
+from helpers import mailer_and_queue
 from mailout import config
-from mailout.factories import build_all
 from mailout.message import prepare
 from mailout.processor import Processor
 
@@ -10,19 +10,10 @@ ANN, BOB, CARL = 'ann@example.org', 'bob@example.org', 'carl@example.org'
 
 
 def lmtp(tmp_path, destination):
-    settings = config.loads(f'''<mailout>
-        <lmtp-mailer lists>
+    return mailer_and_queue(tmp_path, f'''<lmtp-mailer lists>
           {destination}
           timeout 3s
-        </lmtp-mailer>
-        <queued-delivery default>
-          mailer lists
-          queue-path {tmp_path}/q
-          processor off
-        </queued-delivery>
-    </mailout>''')
-    mailers, deliveries = build_all(settings)
-    return mailers['lists'], deliveries['default'].queue
+        </lmtp-mailer>''')
 
 
 def test_each_recipient_gets_its_own_reply(tmp_path, start_sink):

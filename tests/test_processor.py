@@ -6,8 +6,7 @@ import pytest
 import zope.event
 from zope.interface.verify import verifyObject
 
-from mailout import config
-from mailout.factories import build_all
+from helpers import mailer_and_queue
 from mailout.interfaces import IMailDeferredEvent
 from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
@@ -39,21 +38,12 @@ def area(queue, name):
 
 
 def processor_for(tmp_path, port, **options):
-    settings = config.loads(f'''<mailout>
-        <smtp-mailer relay>
+    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer relay>
           host 127.0.0.1:{port}
           tls none
           timeout 3s
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/q
-          processor off
-        </queued-delivery>
-    </mailout>''')
-    mailers, deliveries = build_all(settings)
-    queue = deliveries['default'].queue
-    return Processor(queue, mailers['relay'], **options), queue
+        </smtp-mailer>''')
+    return Processor(queue, mailer, **options), queue
 
 
 def test_partial_refusal(tmp_path, start_sink, events):

@@ -23,7 +23,6 @@ from mailout import message as _message
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IDirectMailDelivery
 from mailout.interfaces import IQueuedMailDelivery
-from mailout.processor import Processor
 from mailout.queue import Queue
 
 log = logging.getLogger(__name__)
