@@ -71,6 +71,11 @@ class RetryPolicy:
                          self.min_backoff * 2 ** max(attempts - 1, 0))
 
 
+#: Seconds a sender thread keeps its idle connection open, so that sparse
+#: mail does not pay for a new connection each time.
+KEEP_IDLE_CONNECTION = 15
+
+
 class RateLimit:
     """At most ``rate`` messages a second over all sender threads, for
     relays that throttle; bursts of up to one second's worth."""
@@ -164,14 +169,17 @@ class Processor:
         self._threads = []
 
     def _run(self):
+        idle_since = time.monotonic()
         while not self._stopping.is_set():
             arrivals = self.queue.arrivals
             try:
                 self._maintain()
-                self.process_waiting()
+                if self.process_waiting():
+                    idle_since = time.monotonic()
             except Exception:
                 log.exception('%r: unexpected error; continuing', self)
-            if self.queue.wait(self.poll_interval, arrivals) == arrivals:
+            self.queue.wait(self.poll_interval, arrivals)
+            if time.monotonic() - idle_since > KEEP_IDLE_CONNECTION:
                 self.mailer.close()         # idle: let the relay go
         self.mailer.close()
 

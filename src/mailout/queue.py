@@ -173,7 +173,6 @@ class Queue:
             with self._claims_lock:
                 self._claims.discard(claimed)
             return None
-        os.utime(self._area('cur', claimed))    # starts the lease
         return claimed
 
     def read(self, claimed):
@@ -323,7 +322,8 @@ class Queue:
         except ValueError:
             return True             # not a claim of ours: take it
         if host != _HOST:
-            return now - _mtime(self._area('cur', claimed), now) > CLAIM_LEASE
+            # The rename that claimed (or rewrote) it set the file's ctime.
+            return now - _ctime(self._area('cur', claimed), now) > CLAIM_LEASE
         if pid == os.getpid():
             with self._claims_lock:
                 return token != self._token or claimed not in self._claims
@@ -613,6 +613,13 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _ctime(path, default):
+    try:
+        return os.stat(path).st_ctime
+    except FileNotFoundError:
+        return default
 
 
 def _mtime(path, default):
