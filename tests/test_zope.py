@@ -9,6 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import App.config
@@ -21,6 +25,7 @@ from Zope2.Startup.handlers import handleWSGIConfig
 from Zope2.Startup.options import ZopeWSGIOptions
 
 import mailout.config
+from helpers import HERE
 from helpers import write_config
 from mailout.delivery import DirectDelivery
 from mailout.delivery import QueuedDelivery
@@ -284,32 +289,141 @@ def test_zope_startup_delivers_mail(instance, sink):
     assert b'Subject: from Zope' in sent['data']
 
 
+# mailout.processor at INFO on runwsgi's stderr (through the root logger's
+# console handler) whatever level the root logger has.
+LOGGING = '''
+[logger_mailout]
+level = INFO
+handlers =
+qualname = mailout.processor
+propagate = 1
+'''
+
+
+class RunWSGI:
+    """``runwsgi etc/zope.ini`` of an instance, on 127.0.0.1 and a port the
+    system picks; its stderr is read all the time (a full pipe would block
+    the server) into ``output``.  Use as a context manager: the server is
+    killed on the way out if it still runs."""
+
+    def __init__(self, instance, pythonpath=None, timeout=60):
+        ini = instance / 'etc' / 'zope.ini'
+        text = ini.read_text().replace('port = 8080', 'port = 0')
+        text = text.replace('keys = root, ', 'keys = root, mailout, ', 1)
+        ini.write_text(text + LOGGING)
+        env = dict(os.environ)
+        if pythonpath:
+            env['PYTHONPATH'] = os.pathsep.join(
+                filter(None, [str(pythonpath), env.get('PYTHONPATH')]))
+        self._lines = []
+        self._serving = threading.Event()
+        self.url = None
+        self.timeout = timeout
+        self.process = subprocess.Popen(
+            zope_script('Zope2.Startup.serve', ini), env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stderr:       # ends when the server dies
+            self._lines.append(line)
+            if self.url is None and 'Serving on http://' in line:
+                self.url = line.split('Serving on ')[1].strip()
+                self._serving.set()
+        self._serving.set()
+
+    @property
+    def output(self):
+        return ''.join(self._lines)
+
+    def __enter__(self):
+        try:
+            self._serving.wait(self.timeout)
+            if self.url is None:
+                pytest.fail('runwsgi did not start:\n' + self.output)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.kill()
+
+    def wait_for_log(self, text, timeout=10):
+        """Wait until ``text`` is in the output; whether it is."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return text in self.output
+
+    def get(self, path, **query):
+        """GET ``path`` with ``query``: (status, body), for errors too."""
+        url = self.url + path
+        if query:
+            url += '?' + urllib.parse.urlencode(query)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, e.read().decode()
+
+    def interrupt(self, timeout=20):
+        """SIGINT, as Ctrl-C; the exit code, once all output is read."""
+        self.process.send_signal(signal.SIGINT)
+        returncode = self.process.wait(timeout)
+        self._reader.join(5)
+        return returncode
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+
+
 def test_runwsgi_serves_and_runs_the_processor(instance, sink):
     """runwsgi serves HTTP with the processor started; SIGINT stops it."""
     set_up_site(instance, sink)
-    ini = instance / 'etc' / 'zope.ini'
-    ini.write_text(ini.read_text().replace('port = 8080', 'port = 0'))
-    server = subprocess.Popen(
-        zope_script('Zope2.Startup.serve', ini),
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    try:
-        output = []
-        for line in server.stderr:          # ends if the server dies
-            output.append(line)
-            if 'Serving on http://' in line:
-                url = line.split('Serving on ')[1].strip()
-                break
-        else:
-            pytest.fail('runwsgi did not start:\n' + ''.join(output))
-        with urllib.request.urlopen(url + '/', timeout=10) as response:
-            assert response.status == 200
-        server.send_signal(signal.SIGINT)
-        _, rest = server.communicate(timeout=20)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    output = ''.join(output) + rest
-    assert server.returncode == 0, output
-    assert "started <Processor 'default'" in output
+    with RunWSGI(instance) as server:
+        assert server.get('/')[0] == 200
+        assert server.interrupt() == 0, server.output
+    assert "started <Processor 'default'" in server.output
+    assert "stopped <Processor 'default'" in server.output
+
+
+def test_views_send_mail_in_the_request_transaction(instance, sink):
+    """A view's mail goes out after commit; a failing view's never does."""
+    set_up_site(instance, sink)
+    (instance / 'etc' / 'package-includes' / 'zopeapp-configure.zcml') \
+        .write_text('<include package="zopeapp" '
+                    'xmlns="http://namespaces.zope.org/zope" />')
+    queue = instance / 'var' / 'mailqueue'
+
+    with RunWSGI(instance, pythonpath=HERE) as server:
+        # Started by ProcessStarting, before any request commits mail.
+        assert "started <Processor 'default'" in server.output, \
+            server.output
+
+        assert server.get('/@@send-mail', to='ann@example.org') \
+            == (200, 'sent')
+        [sent] = sink.wait_for(1)
+        assert sent['rcpt_tos'] == ['ann@example.org']
+        assert b'Sent by send-mail.' in sent['data']
+
+        status, _ = server.get('/@@send-mail-then-fail',
+                               to='bob@example.org')
+        assert status == 500
+        time.sleep(1)       # a committed message would have gone by now
+        assert len(sink.messages()) == 1
+        for area in ('tmp', 'new', 'cur', 'deferred', 'failed'):
+            assert os.listdir(queue / area) == [], area
+
+        assert server.interrupt() == 0, server.output
+    output = server.output
+    assert output.index("started <Processor 'default'") \
+        < output.index('Serving on http://')
+    assert 'RuntimeError: failing after send' in output
     assert "stopped <Processor 'default'" in output
