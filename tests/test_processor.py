@@ -203,3 +203,22 @@ def test_rate_limit_spaces_messages(tmp_path):
     start = time.monotonic()
     assert processor.run_once() == 10
     assert time.monotonic() - start >= 0.9
+
+
+def test_failing_subscriber_does_not_resend(tmp_path):
+    """A subscriber that raises on IMailSentEvent neither stops the
+    processor nor leaves the sent message in the queue to go again."""
+    def broken(event):
+        raise RuntimeError('subscriber bug')
+    zope.event.subscribers.append(broken)
+    try:
+        queue = Queue(str(tmp_path / 'q'))
+        mailer = ScriptedMailer()
+        processor = Processor(queue, mailer)
+        enqueue(queue, subject='1')
+        enqueue(queue, subject='2')
+        assert processor.run_once() == 2
+    finally:
+        zope.event.subscribers.remove(broken)
+    assert len(mailer.sent) == 2
+    assert all(area(queue, a) == [] for a in ('new', 'cur', 'deferred'))

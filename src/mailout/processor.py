@@ -261,30 +261,41 @@ class Processor:
                               f'{int(now - queued_at)}s in the queue)'))
                           for a, r in deferred.items())
             deferred = {}
+        # The queue first, then logs and events: neither a crash nor a
+        # failing subscriber past this point can make the message go twice.
+        if failed:
+            failed_reply = _summary(failed)
+            self.queue.fail(claimed, tuple(failed), _attempt(failed_reply),
+                            keep_claim=bool(deferred))
+        if deferred:
+            deferred_reply = _summary(deferred)
+            until = self.retry.next_attempt(len(message.attempts) + 1, now)
+            self.queue.defer(claimed, tuple(deferred),
+                             _attempt(deferred_reply), until)
+        elif not failed:
+            self.queue.done(claimed)
         if sent:
             log.info('%r: sent %s to %s', self, message_id, ', '.join(sent))
-            zope.event.notify(MailSentEvent(message_id, message.fromaddr,
-                                            sent))
+            self._notify(MailSentEvent(message_id, message.fromaddr, sent))
         if failed:
-            reply = _summary(failed)
             log.error('%r: %s failed for %s: %s', self, message_id,
-                      ', '.join(failed), reply[1])
-            self.queue.fail(claimed, tuple(failed), _attempt(reply),
-                            keep_claim=bool(deferred))
-            zope.event.notify(MailFailedEvent(
-                message_id, message.fromaddr, tuple(failed), reply))
+                      ', '.join(failed), failed_reply[1])
+            self._notify(MailFailedEvent(message_id, message.fromaddr,
+                                         tuple(failed), failed_reply))
         if deferred:
-            reply = _summary(deferred)
-            until = self.retry.next_attempt(len(message.attempts) + 1, now)
             log.warning('%r: %s deferred for %s until %s: %s', self,
                         message_id, ', '.join(deferred),
                         time.strftime('%H:%M:%S', time.localtime(until)),
-                        reply[1])
-            self.queue.defer(claimed, tuple(deferred), _attempt(reply), until)
-            zope.event.notify(MailDeferredEvent(
-                message_id, message.fromaddr, tuple(deferred), reply))
-        elif not failed:
-            self.queue.done(claimed)
+                        deferred_reply[1])
+            self._notify(MailDeferredEvent(message_id, message.fromaddr,
+                                           tuple(deferred), deferred_reply))
+
+    def _notify(self, event):
+        try:
+            zope.event.notify(event)
+        except Exception:
+            log.exception('%r: a subscriber to %s failed', self,
+                          type(event).__name__)
 
 
 def _is_permanent(reply):
