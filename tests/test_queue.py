@@ -131,7 +131,7 @@ def test_recover_removes_unfinished_writes_of_dead_processes(queue):
     """tmp/ files of dead writers go; our own in-progress writes stay."""
     ours = queue.write(prepare('a@example.org', ['b@example.org'],
                                'Subject: x\r\n\r\n'))
-    dead = f'{time.time_ns()}.999999999_abc_def.{queue_module._HOST}'
+    dead = f'{time.time_ns()}.999999999-0ld_abc_def.{queue_module._HOST}'
     open(os.path.join(queue.path, 'tmp', dead), 'w').close()
     queue.recover()
     assert files(queue, 'tmp') == [ours]
@@ -189,7 +189,7 @@ def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
     # As the dead process would have named them:
     renamed = {}
     for name in committed + [uncommitted]:
-        theirs = name.replace(f'.{os.getpid()}_', f'.{dead}_')
+        theirs = name.replace(f'.{os.getpid()}-', f'.{dead}-')
         os.rename(os.path.join(queue.path, 'tmp', name),
                   os.path.join(queue.path, 'tmp', theirs))
         renamed[name] = theirs
@@ -201,3 +201,43 @@ def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
     queue.recover()
     assert files(queue, 'new') == sorted(renamed[n] for n in committed)
     assert files(queue, 'tmp') == []
+
+
+def test_predecessor_with_our_pid(queue):
+    """A restarted process that got its predecessor's pid (pid 1 in a
+    container) finishes the predecessor's committed batch and removes its
+    uncommitted writes: the token tells them apart."""
+    envelope = prepare('a@example.org', ['b@example.org'],
+                       'Subject: x\r\n\r\nbody\r\n')
+    committed = [queue.write(envelope, 'batch1') for _ in range(2)]
+    uncommitted = queue.write(envelope, 'batch2')
+    marker = queue_module._commit_marker(committed[0])
+    open(os.path.join(queue.path, 'tmp', marker), 'w').close()
+    os.rename(os.path.join(queue.path, 'tmp', committed[0]),
+              os.path.join(queue.path, 'new', committed[0]))
+    queue._token = 'restarted'          # as a new process with our pid
+    queue.recover()
+    assert files(queue, 'new') == sorted(committed)
+    assert files(queue, 'tmp') == []
+    assert uncommitted not in files(queue, 'new')
+
+
+def test_zope_sendmail_dot_files_are_not_messages(queue):
+    """zope.sendmail's .sending-/.rejected- files in new/ are ignored."""
+    [name] = add(queue)
+    for dot in ('.sending-', '.rejected-'):
+        os.link(os.path.join(queue.path, 'new', name),
+                os.path.join(queue.path, 'new', dot + name))
+    assert queue.waiting() == [name]
+    assert queue.status()['waiting'] == 1
+
+
+def test_queued_at_only_for_our_names():
+    """Our names carry nanoseconds; zope.sendmail's seconds are not read as
+    such (a 1970 date would fail the message at once)."""
+    ours = queue_module.QueuedMessage('1795601321903732885.1-t_b_u.h', 'a',
+                                      ('b',), b'')
+    theirs = queue_module.QueuedMessage('1795601321.1234.5678', 'a', ('b',),
+                                        b'')
+    assert abs(ours.queued_at - 1795601321.9) < 1
+    assert theirs.queued_at is None

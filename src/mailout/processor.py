@@ -26,7 +26,6 @@ from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 from mailout.message import message_id_of
-from mailout.queue import QueueError
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ class Processor:
         """Send one claimed message and move it where its outcome says."""
         try:
             message = self.queue.read(claimed)
-        except (QueueError, ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:         # QueueError, UnicodeDecodeError
             log.error('%r: unreadable queue file %s: %s', self, claimed, e)
             self.queue.quarantine(claimed, _attempt((None, str(e))))
             return

@@ -3,9 +3,11 @@
 Layout of a queue directory (all 0700, files 0600)::
 
     tmp/        messages of transactions that have voted, not yet committed
+                (TIME.PID-TOKEN_BATCH_UNIQUE.HOST), and commit markers
     new/        committed messages waiting for delivery
     cur/        messages claimed by a sender: NAME,HOST,PID,TOKEN
     deferred/   messages waiting for a retry; the file's mtime is when
+                the retry is due
     failed/     messages that failed for good, with their attempt history
 
 A message file is an envelope block, a blank line, then the message::
@@ -14,10 +16,12 @@ A message file is an envelope block, a blank line, then the message::
     X-Mailout-To: one@example.org
     X-Mailout-Attempt: 2026-11-25T09:00:00Z 451 try later
 
-Every state change is one ``rename``, so a crash at any point leaves each
-message in exactly one place; claims of dead owners go back to ``new/``.
-Files written by zope.sendmail's queued delivery (``X-Zope-From`` and
-``X-Zope-To`` lines before the message) are read too.
+Every move between areas is one ``rename`` (a rewrite of the envelope is
+written aside and renamed over the claimed file first), so a crash at any
+point leaves each message in exactly one place; claims and unfinished
+writes of dead processes are recovered.  Files written by zope.sendmail's
+queued delivery (``X-Zope-From`` and ``X-Zope-To`` lines before the
+message) are read too; its dot-files are ignored, as Maildir readers do.
 """
 import dataclasses
 import errno
@@ -41,7 +45,7 @@ CLAIM_LEASE = 600
 TMP_LIFETIME = 36 * 3600
 
 
-class QueueError(MailoutError):
+class QueueError(MailoutError, ValueError):
     """A queue file is unreadable or malformed."""
 
 
@@ -55,11 +59,9 @@ class QueuedMessage:
 
     @property
     def queued_at(self):
-        """When the message entered the queue (seconds since the epoch)."""
-        try:
-            return int(self.name.split('.', 1)[0]) / 1e9
-        except ValueError:          # not one of our names (zope.sendmail's)
-            return None
+        """When the message entered the queue (seconds since the epoch), or
+        None for a file not named by mailout."""
+        return _queued_at(self.name)
 
 
 class Queue:
@@ -99,6 +101,11 @@ class Queue:
         self._claims = set()
         self._claims_lock = threading.Lock()
 
+    @property
+    def _writer(self):
+        """This process, in the names of its tmp/ files: PID-TOKEN."""
+        return f'{os.getpid()}-{self._token}'
+
     def _area(self, area, name=''):
         return os.path.join(self.path, area, name)
 
@@ -108,7 +115,7 @@ class Queue:
         """Write a message into ``tmp/`` durably; return its name.  Messages
         of one transaction share a ``batch`` (see `commit`)."""
         unique = uuid.uuid4().hex[:12]
-        name = f'{time.time_ns()}.{os.getpid()}_{batch or unique}_{unique}' \
+        name = f'{time.time_ns()}.{self._writer}_{batch or unique}_{unique}' \
                f'.{_HOST}'
         data = _envelope_block(envelope.fromaddr, envelope.toaddrs) \
             + b'\r\n' + envelope.message
@@ -159,8 +166,9 @@ class Queue:
     # -- processing ----------------------------------------------------------
 
     def waiting(self):
-        """Names in ``new/``, oldest first."""
-        return sorted(os.listdir(self._area('new')))
+        """Names in ``new/``, oldest first (dot-files are not messages)."""
+        return sorted(name for name in os.listdir(self._area('new'))
+                      if not name.startswith('.'))
 
     def claim(self, name):
         """Take ``new/NAME`` for this thread; None if another took it."""
@@ -194,9 +202,10 @@ class Queue:
     def defer(self, claimed, toaddrs, attempt, until):
         """Keep ``toaddrs`` of the message for a retry at ``until``."""
         self._rewrite(claimed, toaddrs, attempt)
-        target = self._area('deferred', claimed.split(',', 1)[0])
-        os.rename(self._area('cur', claimed), target)
-        os.utime(target, (until, until))
+        # The time first: once in deferred/, a processor may promote it.
+        os.utime(self._area('cur', claimed), (until, until))
+        os.rename(self._area('cur', claimed),
+                  self._area('deferred', claimed.split(',', 1)[0]))
         self._unclaim(claimed)
 
     def fail(self, claimed, toaddrs, attempt, keep_claim=False):
@@ -206,11 +215,8 @@ class Queue:
         message stays (the other recipients are still to be handled)."""
         name = self._failed_name(claimed.split(',', 1)[0])
         if keep_claim:
-            message = self.read(claimed)
-            data = _envelope_block(message.fromaddr, toaddrs,
-                                   message.attempts + (attempt,)) \
-                + b'\r\n' + message.message
-            _write_durably(self._area('failed', name), data)
+            _write_durably(self._area('failed', name),
+                           _with_history(self.read(claimed), toaddrs, attempt))
             return
         self._rewrite(claimed, toaddrs, attempt)
         os.rename(self._area('cur', claimed), self._area('failed', name))
@@ -229,9 +235,9 @@ class Queue:
     def quarantine(self, claimed, reason):
         """Move an unreadable claimed file to ``failed/`` as it is, with
         ``NAME.reason`` beside it."""
-        name = claimed.split(',', 1)[0]
-        _write_durably(self._area('failed', name + '.reason'),
-                       reason.encode('utf-8') + b'\r\n')
+        name = self._failed_name(claimed.split(',', 1)[0])
+        with open(self._area('failed', name + '.reason'), 'w') as f:
+            f.write(reason + '\n')
         os.rename(self._area('cur', claimed), self._area('failed', name))
         self._unclaim(claimed)
 
@@ -265,55 +271,56 @@ class Queue:
         return recovered
 
     def _clean_tmp(self, now):
-        # tmp/ holds writes of transactions that have not finished (named
-        # TIME.PID_BATCH_UNIQUE.HOST), commit markers (PID_BATCH.HOST.commit)
-        # and rewrites of claims (CLAIM.rewrite).  A dead writer's marker
-        # means its transaction committed: finish moving its batch to new/.
-        # Its other writes never committed: remove them.
-        # Which local writers are dead is decided before tmp/ is listed: a
-        # writer known dead changes nothing any more, so the listing shows
-        # its final state.  (A listing taken while it lived may lack the
-        # marker it made just before it died: its batch would be half
-        # removed.)
-        dead = {pid for pid in _local_writers(os.listdir(self._area('tmp')))
-                if int(pid) != os.getpid() and not _pid_alive(int(pid))}
+        # A dead writer's commit marker means its transaction committed:
+        # finish moving that batch to new/.  Its other writes never
+        # committed: remove them.  Which local writers are dead is decided
+        # before tmp/ is listed: a writer known dead changes nothing any
+        # more, so the listing shows its final state.  (A listing taken
+        # while it lived could lack the marker it made just before dying.)
+        dead = {parts[0] for parts in map(_tmp_name_parts,
+                                          os.listdir(self._area('tmp')))
+                if parts and parts[2] == _HOST
+                and self._local_writer_is_dead(parts[0])}
         names = os.listdir(self._area('tmp'))
-        committed = {}                  # writer -> its marker
+        committed = {}                  # (writer, batch) -> its marker
         for name in names:
-            if name.endswith('.commit'):
-                writer, host = name[:-len('.commit')].split('.', 1)
-                if self._writer_is_dead(writer.split('_')[0], host,
-                                        self._area('tmp', name), now,
-                                        CLAIM_LEASE, dead):
-                    committed[writer] = name
+            parts = _tmp_name_parts(name)
+            if parts and name.endswith('.commit') and self._writer_is_dead(
+                    parts, self._area('tmp', name), now, CLAIM_LEASE, dead):
+                committed[parts[:2]] = name
         for name in names:
             path = self._area('tmp', name)
             if name.endswith('.rewrite'):
                 if self._owner_is_dead(name[:-len('.rewrite')], now):
                     _unlink(path)
                 continue
-            try:
-                _, writer, host = name.split('.', 2)
-                pid, batch, _ = writer.split('_')
-            except ValueError:
+            parts = _tmp_name_parts(name)
+            if parts is None or name.endswith('.commit'):
                 continue
-            if f'{pid}_{batch}' in committed:
+            if parts[:2] in committed:
                 try:
                     os.rename(path, self._area('new', name))
                 except FileNotFoundError:   # another process moved it
                     pass
-            elif not name.endswith('.commit') and self._writer_is_dead(
-                    pid, host, path, now, TMP_LIFETIME, dead):
+            elif self._writer_is_dead(parts, path, now, TMP_LIFETIME, dead):
                 _unlink(path)
         if committed:
             _fsync_directory(self._area('new'))
             for marker in committed.values():
                 _unlink(self._area('tmp', marker))
 
-    def _writer_is_dead(self, pid, host, path, now, lifetime, dead):
+    def _local_writer_is_dead(self, writer):
+        pid, token = writer.split('-')
+        if int(pid) == os.getpid():     # this pid, or a predecessor's
+            return token != self._token
+        return not _pid_alive(int(pid))
+
+    @staticmethod
+    def _writer_is_dead(parts, path, now, lifetime, dead):
+        writer, _, host = parts
         if host != _HOST:
             return now - _mtime(path, now) > lifetime
-        return pid in dead
+        return writer in dead
 
     def _owner_is_dead(self, claimed, now):
         try:
@@ -340,16 +347,14 @@ class Queue:
     def _rewrite(self, claimed, toaddrs, attempt):
         # Replace the claimed file in place (write aside, rename over), so a
         # crash leaves either the old or the new version, never both.
-        message = self.read(claimed)
-        data = _envelope_block(message.fromaddr, toaddrs,
-                               message.attempts + (attempt,)) \
-            + b'\r\n' + message.message
         aside = self._area('tmp', f'{claimed}.rewrite')
-        _write_durably(aside, data)
+        _write_durably(aside,
+                       _with_history(self.read(claimed), toaddrs, attempt))
         os.rename(aside, self._area('cur', claimed))
 
     def count(self, area):
-        return len(os.listdir(self._area(area)))
+        return sum(not name.startswith('.')
+                   for name in os.listdir(self._area(area)))
 
     # -- inspection and repair (the mailout command) -------------------------
 
@@ -358,7 +363,8 @@ class Queue:
         the envelope block; an unreadable file is an entry with ``error``."""
         result = []
         for filename in os.listdir(self._area(area)):
-            if area == 'failed' and filename.endswith('.reason'):
+            if filename.startswith('.') or \
+                    area == 'failed' and filename.endswith('.reason'):
                 continue
             entry = self._entry(area, filename)
             if entry is not None:
@@ -378,7 +384,7 @@ class Queue:
                       stat.st_mtime, stat.st_size)
         try:
             message = _parse(entry.name, data)
-        except (QueueError, ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:         # QueueError, UnicodeDecodeError
             entry.error = str(e)
         else:
             entry.fromaddr, entry.toaddrs = message.fromaddr, message.toaddrs
@@ -417,6 +423,8 @@ class Queue:
         pending = [e.queued_at for e in deferred if e.queued_at]
         for area in ('new', 'cur'):
             for filename in os.listdir(self._area(area)):
+                if filename.startswith('.'):
+                    continue
                 pending.append(_queued_at(filename.split(',', 1)[0])
                                or _mtime(self._area(area, filename), now))
         attempts = [(a, e.mtime) for e in deferred + failed
@@ -504,11 +512,10 @@ class Entry:
 
 
 def _queued_at(name):
-    # Our names start with time.time_ns(); zope.sendmail's do not.
-    try:
-        return int(name.split('.', 1)[0]) / 1e9
-    except ValueError:
-        return None
+    # Our names start with time.time_ns() (19 digits); zope.sendmail's with
+    # seconds.
+    stamp = name.split('.', 1)[0]
+    return int(stamp) / 1e9 if len(stamp) >= 19 and stamp.isdigit() else None
 
 
 def _read_head(f, chunk=8192, limit=1024 * 1024):
@@ -521,6 +528,13 @@ def _read_head(f, chunk=8192, limit=1024 * 1024):
                 or (data.startswith(b'X-Zope-From:') and data.count(b'\n') >= 2):
             break
     return data
+
+
+def _with_history(message, toaddrs, attempt):
+    """A queue file for ``message`` to ``toaddrs``, with one more attempt."""
+    return _envelope_block(message.fromaddr, toaddrs,
+                           message.attempts + (attempt,)) \
+        + b'\r\n' + message.message
 
 
 def _envelope_block(fromaddr, toaddrs, attempts=()):
@@ -583,29 +597,27 @@ def _fsync_directory(path):
         os.close(fd)
 
 
-def _local_writers(names):
-    """The pids of this host's writers of ``tmp/`` files ``names``."""
-    pids = set()
-    for name in names:
-        try:
-            if name.endswith('.commit'):
-                writer, host = name[:-len('.commit')].split('.', 1)
-            else:
-                _, writer, host = name.split('.', 2)
-            pid = writer.split('_')[0]
-            int(pid)
-        except ValueError:
-            continue
-        if host == _HOST:
-            pids.add(pid)
-    return pids
+def _tmp_name_parts(name):
+    """``(writer, batch, host)`` of a message or commit marker in tmp/
+    (the writer is PID-TOKEN); None for anything else."""
+    try:
+        if name.endswith('.commit'):
+            writer_batch, host = name[:-len('.commit')].split('.', 1)
+            writer, batch = writer_batch.split('_')
+        else:
+            _, rest, host = name.split('.', 2)
+            writer, batch, _ = rest.split('_')
+        int(writer.split('-')[0])
+        writer.split('-')[1]
+    except (ValueError, IndexError):
+        return None
+    return writer, batch, host
 
 
 def _commit_marker(name):
     """The commit marker of the batch of message ``name``."""
-    _, writer, host = name.split('.', 2)
-    pid, batch, _ = writer.split('_')
-    return f'{pid}_{batch}.{host}.commit'
+    writer, batch, host = _tmp_name_parts(name)
+    return f'{writer}_{batch}.{host}.commit'
 
 
 def _unlink(path):
