@@ -225,3 +225,25 @@ def test_data_manager_repr_and_sort_key(deliveries):
     data_manager = MailDataManager(delivery, transaction.manager)
     assert data_manager.sortKey().startswith('~mailout:default:')
     assert 'default' in repr(data_manager)
+
+
+def test_direct_delivery_partial_refusal_sends_nothing(tmp_path, start_sink):
+    """A direct delivery whose relay refuses one recipient sends to none of
+    them, and commit fails naming the refusal."""
+    from mailout.interfaces import DeliveryError
+    sink = start_sink('--refuse', 'bad@example.org=550 5.1.1 no such user')
+    _, deliveries = build_all(config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{sink.port}
+          tls none
+        </smtp-mailer>
+        <direct-delivery urgent>
+          mailer relay
+        </direct-delivery>
+    </mailout>'''))
+    deliveries['urgent'].send('sender@example.org',
+                              ['good@example.org', 'bad@example.org'],
+                              message())
+    with pytest.raises(DeliveryError, match='bad@example.org: 550'):
+        transaction.commit()
+    assert sink.messages() == []

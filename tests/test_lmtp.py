@@ -60,3 +60,22 @@ def test_host_or_path_required():
     import ZConfig
     with pytest.raises(ZConfig.ConfigurationError, match='host or path'):
         config.loads('<mailout>\n<lmtp-mailer x>\n</lmtp-mailer>\n</mailout>')
+
+
+def test_silent_server_times_out(tmp_path, start_sink):
+    """A server that accepts and never greets fails the send after the
+    timeout instead of hanging a sender thread."""
+    import time
+
+    import pytest
+
+    from mailout.interfaces import TransientDeliveryError
+    sink = start_sink('--lmtp', '--stall-at', 'connect', '--stall', '30')
+    mailer, _ = mailer_and_queue(tmp_path, f'''<lmtp-mailer lists>
+          host 127.0.0.1:{sink.port}
+          timeout 1s
+        </lmtp-mailer>''')
+    start = time.monotonic()
+    with pytest.raises(TransientDeliveryError, match='timed out'):
+        mailer.send('app@example.org', [ANN], b'Subject: x\r\n\r\n')
+    assert time.monotonic() - start < 5

@@ -112,17 +112,24 @@ class QueuedDelivery(_Delivery):
 
 @implementer(IDirectMailDelivery)
 class DirectDelivery(_Delivery):
-    """Messages go to the mailer while the transaction votes."""
+    """Messages go to the mailer while the transaction votes.
+
+    A message goes to all its recipients or, if the relay refuses one, to
+    none, and the commit fails.  Of several messages in one transaction,
+    those before a refused one have gone.
+    """
 
     def _vote(self, envelopes):
         try:
             for envelope in envelopes:
                 refused = self.mailer.send(envelope.fromaddr,
-                                           envelope.toaddrs, envelope.message)
+                                           envelope.toaddrs, envelope.message,
+                                           all_or_none=True)
                 if refused:
-                    raise DeliveryError((None, 'recipients refused: ' + '; '.join(
-                        f'{addr}: {code} {text}'
-                        for addr, (code, text) in refused.items())))
+                    raise DeliveryError((None, 'recipients refused: ' + '; '
+                                         .join(f'{address}: {code} {text}'
+                                               for address, (code, text)
+                                               in refused.items())))
         finally:
             self.mailer.close()
 

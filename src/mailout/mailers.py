@@ -39,8 +39,11 @@ class SMTPMailer:
     """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured.
 
     With several relays, new connections go to each in turn; a relay that
-    fails to connect or dies mid-transaction is left alone for
+    fails to connect or stalls past the timeout is left alone for
     ``down-time`` while the others take its share.
+
+    ``send(..., all_or_none=True)`` (what a direct delivery asks for) sends
+    nothing when any recipient is refused at RCPT.
     """
 
     def __init__(self, settings):
@@ -64,7 +67,8 @@ class SMTPMailer:
     def abort(self):
         pass
 
-    def send(self, fromaddr, toaddrs, message):
+    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+        args = fromaddr, toaddrs, message, all_or_none
         connection = getattr(self._local, 'connection', None)
         if connection is not None and \
                 self._local.sent >= self.settings.messages_per_connection:
@@ -72,7 +76,7 @@ class SMTPMailer:
             connection = None
         if connection is not None:
             try:
-                return self._send(connection, fromaddr, toaddrs, message)
+                return self._send(connection, *args)
             except _Reconnect:
                 # The server closed the idle connection before MAIL FROM
                 # was accepted: nothing was sent, so try on a new one.
@@ -80,8 +84,7 @@ class SMTPMailer:
         self._local.connection, self._local.relay = self._connect()
         self._local.sent = 0
         try:
-            return self._send(self._local.connection, fromaddr, toaddrs,
-                              message)
+            return self._send(self._local.connection, *args)
         except _Reconnect as e:
             self.close()
             if isinstance(e.__cause__, TransientDeliveryError):
@@ -98,7 +101,7 @@ class SMTPMailer:
             except (smtplib.SMTPException, OSError):
                 connection.close()
 
-    def _send(self, connection, fromaddr, toaddrs, message):
+    def _send(self, connection, fromaddr, toaddrs, message, all_or_none):
         self._local.sent += 1
         # RFC 6152: say that an 8-bit body is one, where the relay can
         # take it.
@@ -133,7 +136,7 @@ class SMTPMailer:
                     return _abandoned(toaddrs, refused, code, text)
                 if code not in (250, 251):
                     refused[address] = (code, _text(text))
-            if len(refused) == len(toaddrs):
+            if len(refused) == len(toaddrs) or refused and all_or_none:
                 self._rset(connection)
                 return refused
             try:
@@ -149,7 +152,7 @@ class SMTPMailer:
             # window, and the one case where a retry can send it twice.
             self.close()
             reason = _describe(e)
-            if isinstance(e, TimeoutError):     # a stalled relay
+            if isinstance(e, socket.timeout):   # a stalled relay
                 self._mark_down(self._local.relay, reason)
             raise TransientDeliveryError(
                 (None, f'{_address(self._local.relay)}: {reason}')) from None
@@ -313,9 +316,7 @@ class LMTPMailer(SMTPMailer):
         # smtplib.LMTP takes a path starting with "/" as a unix socket.
         connection = smtplib.LMTP(host, port or 0,
                                   local_hostname=self.settings.local_hostname
-                                  or _fqdn())
-        if connection.sock is not None:
-            connection.sock.settimeout(self.settings.timeout)
+                                  or _fqdn(), timeout=self.settings.timeout)
         try:
             connection.ehlo_or_helo_if_needed()     # LHLO
         except BaseException:
@@ -327,10 +328,18 @@ class LMTPMailer(SMTPMailer):
         # smtplib read the first reply only (CPython issue 76984); read one
         # more for every other accepted recipient, in RCPT order.
         accepted = [a for a in toaddrs if a not in refused]
-        replies = [(code, text)] + [connection.getreply()
-                                    for _ in accepted[1:]]
         refused = dict(refused)
-        for address, (code, text) in zip(accepted, replies):
+        for i, address in enumerate(accepted):
+            try:
+                if i:
+                    code, text = connection.getreply()
+            except (smtplib.SMTPException, OSError) as e:
+                # Those answered so far keep their replies; the rest are
+                # tried again.
+                self.close()
+                refused.update(dict.fromkeys(accepted[i:],
+                                             (None, _describe(e))))
+                break
             if code != 250:
                 refused[address] = (code, _text(text))
         return refused
@@ -363,7 +372,8 @@ class SendmailMailer:
     def close(self):
         pass
 
-    def send(self, fromaddr, toaddrs, message):
+    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+        # sendmail takes every recipient or none.
         command = [self.settings.path, *self.settings.arguments,
                    '-i', '-f', fromaddr, '--', *toaddrs]
         # A local program takes the local line ending.

@@ -50,7 +50,7 @@ class MemoryMailer:
     def __init__(self):
         self.sent = []
 
-    def send(self, fromaddr, toaddrs, message):
+    def send(self, fromaddr, toaddrs, message, all_or_none=False):
         self.sent.append((fromaddr, tuple(toaddrs), message))
         return {}
 
