@@ -222,3 +222,43 @@ def test_failing_subscriber_does_not_resend(tmp_path):
         zope.event.subscribers.remove(broken)
     assert len(mailer.sent) == 2
     assert all(area(queue, a) == [] for a in ('new', 'cur', 'deferred'))
+
+
+def test_retries_are_not_starved_by_new_mail(tmp_path):
+    """A deferred message whose time has come goes out while new mail keeps
+    arriving, not only once new/ is empty."""
+    queue = Queue(str(tmp_path / 'q'))
+
+    class Busy(ScriptedMailer):
+        def send(self, fromaddr, toaddrs, message):
+            if len(self.sent) < 300:            # mail keeps coming
+                enqueue(queue, to=('new@example.org',))
+            time.sleep(0.002)
+            return super().send(fromaddr, toaddrs, message)
+    mailer = Busy()
+    processor = Processor(queue, mailer, poll_interval=0.05)
+    name = enqueue(queue, to=('retry@example.org',))
+    claimed = queue.claim(name)
+    queue.defer(claimed, ('retry@example.org',), 'x 451 later',
+                time.time() + 0.1)
+    for _ in range(20):
+        enqueue(queue, to=('new@example.org',))
+    processor.run_once()
+    position = mailer.sent.index(('retry@example.org',))
+    assert position < 150, position
+
+
+def test_processor_restarts_cleanly(tmp_path, sink):
+    """stop() then start() runs exactly ``connections`` threads again, and
+    run_once() works on a stopped processor."""
+    import threading
+    processor, queue = processor_for(tmp_path, sink.port, connections=2)
+    processor.start()
+    processor.stop()
+    processor.start()
+    senders = [t for t in threading.enumerate()
+               if t.name.startswith('mailout  sender')]
+    assert len(senders) == 2
+    processor.stop()
+    enqueue(queue)
+    assert processor.run_once() == 1

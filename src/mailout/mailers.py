@@ -9,6 +9,7 @@ calling thread's connection.
 import functools
 import itertools
 import logging
+import os
 import smtplib
 import socket
 import ssl
@@ -53,6 +54,13 @@ class SMTPMailer:
         self._local = threading.local()
         self._turn = itertools.count()
         self._down = {}             # relay -> (monotonic time up again, why)
+        self._down_lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self):
+        # A forked child must not talk over its parent's connections (the
+        # sockets are shared): forget them without QUIT.
+        self._local = threading.local()
         self._down_lock = threading.Lock()
 
     def __repr__(self):

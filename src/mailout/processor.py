@@ -86,6 +86,7 @@ class RateLimit:
         self._lock = threading.Lock()
 
     def wait(self, stopping):
+        """Wait for a message's turn; True if ``stopping`` was set first."""
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -94,10 +95,10 @@ class RateLimit:
                 self._last = now
                 if self._allowance >= 1:
                     self._allowance -= 1
-                    return
+                    return False
                 pause = (1 - self._allowance) / self.rate
             if stopping.wait(pause):
-                return
+                return True
 
 
 class Processor:
@@ -137,7 +138,8 @@ class Processor:
             self._stopping = threading.Event()
             self._pid = os.getpid()
             self._threads = [
-                threading.Thread(target=self._run, daemon=True,
+                threading.Thread(target=self._run, args=(self._stopping,),
+                                 daemon=True,
                                  name=f'mailout {self.name} sender {i}')
                 for i in range(self.connections)]
             for thread in self._threads:
@@ -166,14 +168,17 @@ class Processor:
         self._names_lock = threading.Lock()
         self._names = collections.deque()
         self._threads = []
+        if self.rate is not None:
+            self.rate = RateLimit(self.rate.rate)
 
-    def _run(self):
+    def _run(self, stopping):
+        # ``stopping`` is this generation's: a thread that outlives stop()'s
+        # join does not carry on with the next start()'s threads.
         idle_since = time.monotonic()
-        while not self._stopping.is_set():
+        while not stopping.is_set():
             arrivals = self.queue.arrivals
             try:
-                self._maintain()
-                if self.process_waiting():
+                if self.process_waiting(stopping):
                     idle_since = time.monotonic()
             except Exception:
                 log.exception('%r: unexpected error; continuing', self)
@@ -184,7 +189,8 @@ class Processor:
 
     def _maintain(self):
         """Recover dead claims and promote due deferred messages, at most
-        once a poll interval for all threads."""
+        once a poll interval for all threads, also while new mail keeps
+        them busy."""
         now = time.time()
         with self._names_lock:
             if now - self._last_maintenance < self.poll_interval:
@@ -201,15 +207,18 @@ class Processor:
                 self._names.extend(self.queue.waiting())
             return self._names.popleft() if self._names else None
 
-    def process_waiting(self):
-        """Deliver until ``new/`` is empty; return how many were handled."""
+    def process_waiting(self, stopping=None):
+        """Deliver until ``new/`` is empty or ``stopping`` is set; return
+        how many were handled."""
+        stopping = stopping or threading.Event()
         handled = 0
-        while not self._stopping.is_set():
+        while not stopping.is_set():
+            self._maintain()
             name = self._next_name()
             if name is None:
                 break
-            if self.rate is not None:
-                self.rate.wait(self._stopping)
+            if self.rate is not None and self.rate.wait(stopping):
+                break
             claimed = self.queue.claim(name)
             if claimed is not None:
                 self.deliver(claimed)

@@ -530,6 +530,13 @@ def _read_head(f, chunk=8192, limit=1024 * 1024):
     return data
 
 
+def _reset_after_fork():
+    Queue._open_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _with_history(message, toaddrs, attempt):
     """A queue file for ``message`` to ``toaddrs``, with one more attempt."""
     return _envelope_block(message.fromaddr, toaddrs,
