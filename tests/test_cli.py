@@ -625,6 +625,25 @@ def test_check_reaches_relay_with_starttls_and_auth(tmp_path, start_sink,
     assert sink.messages() == []
 
 
+def test_check_lmtp_and_sendmail_mailers(tmp_path, start_sink):
+    """`check` greets an LMTP server (LHLO) and leaves a sendmail-program
+    mailer alone."""
+    sink = start_sink('--lmtp')
+    conf = write_config(tmp_path / 'lmtp.conf', f'''
+        <lmtp-mailer lists>
+          host 127.0.0.1:{sink.port}
+        </lmtp-mailer>
+        <sendmail-mailer local>
+        </sendmail-mailer>
+    ''')
+    status, data = mailout_json('check', '-C', conf)
+    assert status == 0, data
+    lists, local = sorted(data['mailers'], key=lambda m: m['name'])
+    [relay] = lists['relays']
+    assert relay['ok'] and relay['port'] == sink.port
+    assert local['checked'] is False
+
+
 def test_check_names_a_down_relay(tmp_path, sink):
     """With one relay of a farm down, `check` says which and why, and exits
     1."""

@@ -127,6 +127,38 @@ def test_durations(text, seconds):
     assert config.duration(text) == seconds
 
 
+@pytest.mark.parametrize('text', ['-1s', 'nan', 'inf', 'soon'])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match='not a duration'):
+        config.duration(text)
+
+
+@pytest.mark.parametrize('text, relay', [
+    ('::1', ('::1', None)), ('fe80::1', ('fe80::1', None)),
+    ('[::1]:2525', ('::1', 2525)), ('mail.example.org:587',
+                                    ('mail.example.org', 587))])
+def test_relay_hosts(text, relay):
+    """host lines: names, IPv4, bare or bracketed IPv6, with a port."""
+    assert config.relay_host(text) == relay
+
+
+def test_deliveries_sharing_a_queue_share_a_mailer(tmp_path):
+    """Two deliveries on one queue with different mailers is an error."""
+    with pytest.raises(ZConfig.ConfigurationError, match='share the queue'):
+        loads(f'''<smtp-mailer a>\n</smtp-mailer>
+            <smtp-mailer b>\n</smtp-mailer>
+            <queued-delivery one>\n mailer a\n queue-path {tmp_path}/q
+            </queued-delivery>
+            <queued-delivery two>\n mailer b\n queue-path {tmp_path}/q
+            </queued-delivery>''')
+
+
+def test_negative_rate():
+    with pytest.raises(ZConfig.DataConversionError, match='at least 0'):
+        loads('<smtp-mailer r>\n</smtp-mailer>\n<queued-delivery q>\n'
+              ' mailer r\n queue-path /tmp/q\n rate -1\n</queued-delivery>')
+
+
 def test_bad_duration():
     with pytest.raises(ZConfig.DataConversionError, match='not a duration'):
         loads('<smtp-mailer relay>\n timeout soonish\n</smtp-mailer>')

@@ -844,14 +844,14 @@ def run_check(args):
         if relays is None:
             mailer_result['checked'] = False
             continue
+        checked = mailer_settings if not args.timeout else \
+            dataclasses.replace(mailer_settings, timeout=args.timeout)
+        mailer = factories.build_mailer(checked)
         for host, port in relays:
-            one = dataclasses.replace(mailer_settings, hosts=((host, port),))
-            if args.timeout:
-                one = dataclasses.replace(one, timeout=args.timeout)
             relay = {'host': host, 'port': port}
             started = time.monotonic()
             try:
-                connection = factories.build_mailer(one).connect(host, port)
+                connection = mailer.connect(host, port)
             except DeliveryError as e:
                 text = e.reply[1]
                 prefix = f'{host}:{port}: '
@@ -859,7 +859,7 @@ def run_check(args):
                              if text.startswith(prefix) else text)
                 result['ok'] = False
             else:
-                relay.update(ok=True, **_session(connection, one))
+                relay.update(ok=True, **_session(connection, checked))
                 try:
                     connection.quit()
                 except Exception:
@@ -884,7 +884,7 @@ def _session(connection, settings):
     return {
         'server': greeting.split('\n', 1)[0].split(' ', 1)[0] or None,
         'tls': sock.version() if isinstance(sock, ssl.SSLSocket) else None,
-        'auth': settings.username,
+        'auth': getattr(settings, 'username', None),
     }
 
 

@@ -28,14 +28,24 @@ def duration(value):
     """Datatype of time keys: seconds, or parts like ``1d 2h 3m 4.5s``;
     returns seconds as a float."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return ZConfig.datatypes.timedelta(value).total_seconds()
-    except (TypeError, ValueError):
+        try:
+            seconds = ZConfig.datatypes.timedelta(value).total_seconds()
+        except (TypeError, ValueError):
+            seconds = -1
+    if not 0 <= seconds < float('inf'):
         raise ValueError(f'not a duration: {value!r} (examples: 30s, '
-                         '0.5s, 5m, 1h 30m, 5d)') from None
+                         '0.5s, 5m, 1h 30m, 5d)')
+    return seconds
+
+
+def non_negative_float(value):
+    """Datatype of ``rate``."""
+    number = float(value)
+    if not 0 <= number < float('inf'):
+        raise ValueError(f'must be a number of at least 0, not {value!r}')
+    return number
 
 
 def positive_integer(value):
@@ -50,8 +60,8 @@ def relay_host(value):
     """Datatype of a ``host`` line: ``host`` or ``host:port`` ->
     ``(host, port or None)``."""
     host, sep, port = value.rpartition(':')
-    if not sep or ']' in port:          # no port, or a bare [IPv6] literal
-        host, port = value, None
+    if not sep or ']' in port or (':' in host and not host.endswith(']')):
+        host, port = value, None        # no port, or an IPv6 address
     else:
         port = ZConfig.datatypes.stock_datatypes['port-number'](port)
     host = host.strip('[]')
@@ -205,7 +215,15 @@ class MailoutSettings:
         # ZConfig already refuses two sections of one name.
         mailers = {s.name: s for s in section.mailers}
         deliveries = {s.name: s for s in section.deliveries}
+        queues = {}
         for delivery in deliveries.values():
+            path = getattr(delivery, 'queue_path', None)
+            other = queues.setdefault(path, delivery) if path else delivery
+            if other.mailer != delivery.mailer:
+                # Each queue's processors would send the other's mail.
+                raise ZConfig.ConfigurationError(
+                    f'deliveries {other.name!r} and {delivery.name!r} share '
+                    f'the queue {path} but not a mailer')
             if delivery.mailer not in mailers:
                 # Raised as ConfigurationError: ZConfig would turn a
                 # ValueError here into a DataConversionError without a line.

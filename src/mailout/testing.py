@@ -47,8 +47,9 @@ class SentMessage:
 class MemoryMailer:
     """An IMailer that keeps what it is given in ``sent``."""
 
-    def __init__(self):
+    def __init__(self, smtputf8=False):
         self.sent = []
+        self.smtputf8 = smtputf8
 
     def send(self, fromaddr, toaddrs, message, all_or_none=False):
         self.sent.append((fromaddr, tuple(toaddrs), message))
@@ -101,18 +102,25 @@ class Outbox:
         """Replace the registered deliveries (and register ``names`` where
         none is) with memory deliveries."""
         registry = getGlobalSiteManager()
-        registered = {name: (delivery, getattr(delivery, 'max_message_size',
-                                               None))
-                      for name, delivery in
-                      registry.getUtilitiesFor(IMailDelivery)}
+        registered = dict(registry.getUtilitiesFor(IMailDelivery))
         for name in names:
-            registered.setdefault(name, (None, None))
-        for name, (original, max_size) in registered.items():
+            registered.setdefault(name, None)
+        for name, original in registered.items():
             self._replaced.append((name, original))
-            registry.registerUtility(
-                MemoryDelivery(name, self, max_message_size=max_size),
-                IMailDelivery, name)
+            registry.registerUtility(self._stand_in(name, original),
+                                     IMailDelivery, name)
         return self
+
+    def _stand_in(self, name, original):
+        # Validates as the original would: same size limit, same SMTPUTF8
+        # setting, same transaction manager.
+        mailer = MemoryMailer(getattr(getattr(original, 'mailer', None),
+                                      'smtputf8', False))
+        return MemoryDelivery(
+            name, self, mailer,
+            max_message_size=getattr(original, 'max_message_size', None),
+            transaction_manager=getattr(original, 'transaction_manager',
+                                        None))
 
     def uninstall(self):
         """Put the original utilities back."""
