@@ -569,8 +569,8 @@ class CrashLoop:
                 if name.split(',')[2:3] == [str(pid)]:
                     self.summary.rewrites_at_kill += 1
             elif name.split('.')[1:2] and \
-                    name.split('.')[1].split('_')[0] == str(pid):
-                self.summary.tmp_files_at_kill += 1
+                    name.split('.')[1].split('_')[0].split('-')[0] == str(pid):
+                self.summary.tmp_files_at_kill += 1     # TIME.PID-TOKEN_...
 
     def drain(self):
         """Recover and deliver everything queued, in this process."""
