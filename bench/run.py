@@ -720,7 +720,7 @@ SIZES = {
                          mailout1=600, mailoutN=600),
         'delay10': dict(raw1=60, rawN=360, zope3=40, zope0=40,
                         mailout1=60, mailoutN=360),
-        'enqueue': 500, 'latency': 2.0, 'latency_zope3': 6.5,
+        'enqueue': 1000, 'latency': 2.0, 'latency_zope3': 6.5,
         'latency_idle': 4, 'bigqueue': 100_000, 'bigqueue_after': 500,
         'reps': 5, 'reps_slow': 3,
     },
