@@ -188,7 +188,7 @@ def test_product_config_names_a_config_file(instance, tmp_path):
     default = getUtility(IMailDelivery, 'default')
     assert default.queuePath == os.path.realpath(tmp_path / 'queue')
     assert default.mailer is getUtility(IMailer, 'relay')
-    assert mailout.config.find()[1] == standalone
+    assert mailout.config.find()[1].startswith(standalone)
 
 
 def test_unnamed_section_is_rejected_by_zope(instance):

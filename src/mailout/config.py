@@ -284,21 +284,32 @@ def find(config=None):
     if path:
         return load(path), path
     for source, sections in _product_configs():
-        found = [s for s in sections if isinstance(s, MailoutSettings)]
-        files = [s['config-file'] for s in sections
-                 if isinstance(s, dict) and 'config-file' in s]
-        if len(found) + len(files) > 1:
-            names = [s.name for s in found] + files
-            raise ZConfig.ConfigurationError(
-                f'{source} has more than one mailout configuration: '
-                f"{', '.join(map(str, names))}")
+        found = _from_product_config(source, sections)
         if found:
-            return found[0], f'{source}, section <mailout {found[0].name}>'
-        if files:
-            return load(files[0]), files[0]
+            return found
     raise ZConfig.ConfigurationError(
         'no mailout configuration: give the ZCML directive config="...", '
         'set $MAILOUT_CONFIG, or add a <mailout> section to zope.conf')
+
+
+def _from_product_config(source, sections):
+    """``(settings, source)`` from the product sections of ``source``: one
+    ``<mailout NAME>`` section or one ``<product-config mailout>`` with a
+    ``config-file``; None if neither is there."""
+    found = [s for s in sections if isinstance(s, MailoutSettings)]
+    files = [s['config-file'] for s in sections
+             if isinstance(s, dict) and 'config-file' in s]
+    if len(found) + len(files) > 1:
+        names = [f'<mailout {s.name}>' for s in found] + files
+        raise ZConfig.ConfigurationError(
+            f'{source} has more than one mailout configuration: '
+            f"{', '.join(names)}")
+    if found:
+        return found[0], f'{source}, section <mailout {found[0].name}>'
+    if files:
+        return load(files[0]), \
+            f'{files[0]} (config-file of <product-config mailout> in {source})'
+    return None
 
 
 def _product_configs():
@@ -366,19 +377,9 @@ def _load_zope_conf(path):
     # Parsing only: no handleWSGIConfig, nothing installed in App.config.
     root = ZopeWSGIOptions(configfile=path)().configroot
     sections = _sections(getattr(root, 'product_config', None) or {})
-    found = [s for s in sections if isinstance(s, MailoutSettings)]
-    files = [s['config-file'] for s in sections
-             if isinstance(s, dict) and 'config-file' in s]
-    if len(found) + len(files) > 1:
-        names = [f'<mailout {s.name}>' for s in found] + files
-        raise ZConfig.ConfigurationError(
-            f'{path} has more than one mailout configuration: '
-            f"{', '.join(names)}")
+    found = _from_product_config(path, sections)
     if found:
-        return found[0], f'{path}, section <mailout {found[0].name}>'
-    if files:
-        return load(files[0]), \
-            f'{files[0]} (config-file of <product-config mailout> in {path})'
+        return found
     if any(isinstance(s, dict) for s in sections):
         raise ZConfig.ConfigurationError(
             f'{path}: <product-config mailout> has no config-file key')
