@@ -193,12 +193,6 @@ class Queue:
         os.unlink(self._area('cur', claimed))
         self._unclaim(claimed)
 
-    def release(self, claimed):
-        """Put a claimed message back into ``new/`` unchanged."""
-        os.rename(self._area('cur', claimed),
-                  self._area('new', claimed.split(',', 1)[0]))
-        self._unclaim(claimed)
-
     def defer(self, claimed, toaddrs, attempt, until):
         """Keep ``toaddrs`` of the message for a retry at ``until``."""
         self._rewrite(claimed, toaddrs, attempt)
