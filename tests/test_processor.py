@@ -79,6 +79,7 @@ def test_partial_refusal(tmp_path, start_sink, events):
     assert verifyObject(IMailDeferredEvent, deferred_event)
     assert deferred_event.reply == (450, '4.2.1 mailbox busy')
     assert sent.message_id == failed_event.message_id
+    assert sent.queue_id == name == deferred_event.queue_id
 
 
 class ScriptedMailer:

@@ -335,26 +335,14 @@ def _relative(when, now):
 
 class _Tracker:
     """Counts what the processors did, from mailout's events, by delivery
-    and queue file; the processors' ``deliver`` say which is at work."""
+    and queue file."""
 
     KINDS = ('sent', 'deferred', 'failed')
 
     def __init__(self, on_event=None):
         self.records = []
         self.on_event = on_event
-        self._local = threading.local()
         self._lock = threading.Lock()
-
-    def track(self, name, processor):
-        deliver = processor.deliver
-
-        def tracked(claimed):
-            self._local.current = (name, claimed.split(',', 1)[0])
-            try:
-                return deliver(claimed)
-            finally:
-                self._local.current = None
-        processor.deliver = tracked
 
     def __enter__(self):
         import zope.event
@@ -375,9 +363,9 @@ class _Tracker:
                 break
         else:
             return
-        delivery, name = getattr(self._local, 'current', None) or (None, None)
         reply = getattr(event, 'reply', None)
-        record = {'event': kind, 'delivery': delivery, 'id': name,
+        record = {'event': kind, 'delivery': event.delivery,
+                  'id': event.queue_id,
                   'message_id': event.message_id, 'from': event.fromaddr,
                   'to': list(event.toaddrs),
                   'reply': None if reply is None else _reply(reply)}
@@ -430,7 +418,6 @@ def _process_once(args, source, processors):
     results = []
     with _Tracker() as tracker:
         for name, delivery, processor in processors:
-            tracker.track(name, processor)
             handled = processor.run_once()
             status = delivery.queue.status()
             status['next_attempt'] = _stamp(status['next_attempt'])
@@ -477,7 +464,6 @@ def _process_daemon(args, source, processors):
     started = time.time()
     with _Tracker(on_event=emit if args.json else None) as tracker:
         for name, delivery, processor in processors:
-            tracker.track(name, processor)
             processor.start()
         queues = [{'delivery': name, 'path': delivery.queue.path,
                    'connections': processor.connections}
@@ -997,7 +983,6 @@ def run_send(args):
 
     result['path'] = delivery.queue.path
     with _Tracker() as tracker:
-        tracker.track(name, processor)
         processor.run_once()
     mine = [r for r in tracker.records
             if r['message_id'] == result['message_id']]

@@ -33,6 +33,9 @@ class IMailEvent(Interface):
     message_id = Attribute("The Message-Id, without angle brackets.")
     fromaddr = Attribute("The envelope sender.")
     toaddrs = Attribute("The envelope recipients this event is about.")
+    delivery = Attribute("The name of the queued delivery.")
+    queue_id = Attribute("The message's name in the queue, as "
+                         "``mailout queue show`` takes it.")
 
 
 class IMailSentEvent(IMailEvent):

@@ -35,6 +35,8 @@ class _MailEvent:
     message_id: str
     fromaddr: str
     toaddrs: tuple
+    delivery: str
+    queue_id: str
 
 
 @implementer(IMailSentEvent)
@@ -282,21 +284,23 @@ class Processor:
                              _attempt(deferred_reply), until)
         elif not failed:
             self.queue.done(claimed)
+        about = message_id, message.fromaddr
+        where = self.name, message.name
         if sent:
             log.info('%r: sent %s to %s', self, message_id, ', '.join(sent))
-            self._notify(MailSentEvent(message_id, message.fromaddr, sent))
+            self._notify(MailSentEvent(*about, sent, *where))
         if failed:
             log.error('%r: %s failed for %s: %s', self, message_id,
                       ', '.join(failed), failed_reply[1])
-            self._notify(MailFailedEvent(message_id, message.fromaddr,
-                                         tuple(failed), failed_reply))
+            self._notify(MailFailedEvent(*about, tuple(failed), *where,
+                                         failed_reply))
         if deferred:
             log.warning('%r: %s deferred for %s until %s: %s', self,
                         message_id, ', '.join(deferred),
                         time.strftime('%H:%M:%S', time.localtime(until)),
                         deferred_reply[1])
-            self._notify(MailDeferredEvent(message_id, message.fromaddr,
-                                           tuple(deferred), deferred_reply))
+            self._notify(MailDeferredEvent(*about, tuple(deferred), *where,
+                                           deferred_reply))
 
     def _notify(self, event):
         try:
