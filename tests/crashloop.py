@@ -53,12 +53,13 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from helpers import stop_process
 
 HERE = os.path.abspath(__file__)
 FLAKY = 'flaky@example.org'
@@ -76,6 +77,9 @@ def sink_main(records_path, seed):
     import asyncio
 
     from aiosmtpd.smtp import SMTP
+
+    from smtpsink import serve_until_stdin_closes
+    from smtpsink import tcp_listener
 
     rng = random.Random(seed)
     records = open(records_path, 'a')
@@ -102,26 +106,15 @@ def sink_main(records_path, seed):
                 await asyncio.sleep(rng.uniform(0, 0.02))
             return '250 OK accepted'
 
-    # IPPROTO_TCP explicitly, or asyncio sets no TCP_NODELAY (+40 ms a
-    # connection through Nagle and delayed ACKs).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
-                         socket.IPPROTO_TCP)
-    sock.bind(('127.0.0.1', 0))
-    sock.listen(128)
+    sock = tcp_listener()
     loop = asyncio.new_event_loop()
     handler = Handler()
     server = loop.run_until_complete(loop.create_server(
         lambda: SMTP(handler, hostname='crashsink.test'), sock=sock))
     print(sock.getsockname()[1], flush=True)
-
-    def stop_when_stdin_closes():
-        sys.stdin.read()
-        loop.call_soon_threadsafe(loop.stop)
-    threading.Thread(target=stop_when_stdin_closes, daemon=True).start()
     try:
-        loop.run_forever()
+        serve_until_stdin_closes(loop, server)
     finally:
-        server.close()
         records.close()
 
 
@@ -162,13 +155,7 @@ class SinkProcess:
                           'sync\r\n')
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 # -- the child ----------------------------------------------------------------

@@ -49,13 +49,19 @@ class Sink:
             os.unlink(os.path.join(self.directory, name))
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def stop_process(process):
+    """Stop a server process started with a stdin pipe: close its stdin,
+    which it takes as the sign to stop; kill it if it does not."""
+    if process.poll() is None:
+        process.stdin.close()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def write_config(path, body):
@@ -89,3 +95,22 @@ def mailer_and_queue(tmp_path, mailer_section):
     mailers, deliveries = build_all(settings)
     [mailer] = mailers.values()
     return mailer, deliveries['default'].queue
+
+
+def direct_delivery(port, *mailer_lines):
+    """A direct delivery whose SMTP mailer talks plain SMTP to
+    127.0.0.1:``port``, built from real configuration."""
+    from mailout import config
+    from mailout.factories import build_all
+    lines = '\n'.join(mailer_lines)
+    _, deliveries = build_all(config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{port}
+          tls none
+          {lines}
+        </smtp-mailer>
+        <direct-delivery urgent>
+          mailer relay
+        </direct-delivery>
+    </mailout>'''))
+    return deliveries['urgent']

@@ -310,10 +310,7 @@ def main(argv=None):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(args.unix)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
-                             socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(('127.0.0.1', 0))
+        sock = tcp_listener()
     sock.listen(128)
     protocol = SinkLMTP if args.lmtp else SinkSMTP
 
@@ -322,7 +319,24 @@ def main(argv=None):
         lambda: protocol(handler, **options), sock=sock,
         ssl=tls_context(*args.ssl) if args.ssl else None))
     print(0 if args.unix else sock.getsockname()[1], flush=True)
+    serve_until_stdin_closes(loop, server)
 
+
+def tcp_listener():
+    """A socket listening on 127.0.0.1, on a port the system picks.  Made
+    with IPPROTO_TCP, or asyncio sets no TCP_NODELAY on its connections
+    (+40 ms each through Nagle and delayed ACKs)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(('127.0.0.1', 0))
+    sock.listen(128)
+    return sock
+
+
+def serve_until_stdin_closes(loop, *servers):
+    """Run ``loop`` until standard input closes (the test run that started
+    this process is gone), then close ``servers``."""
     def stop_when_stdin_closes():
         sys.stdin.read()
         loop.call_soon_threadsafe(loop.stop)
@@ -330,7 +344,8 @@ def main(argv=None):
     try:
         loop.run_forever()
     finally:
-        server.close()
+        for server in servers:
+            server.close()
 
 
 class SinkLMTP(LHLOMixin, SinkSMTP):

@@ -7,6 +7,7 @@ import pytest
 import transaction
 from zope.interface.verify import verifyObject
 
+from helpers import direct_delivery
 from helpers import message
 from mailout import config
 from mailout.delivery import MailDataManager
@@ -149,19 +150,8 @@ def test_failed_vote_of_another_resource_sends_nothing(deliveries, sink,
 
 def test_direct_delivery_failure_aborts_commit(tmp_path):
     """A direct delivery whose relay is down makes commit fail."""
-    settings = config.loads('''<mailout>
-        <smtp-mailer down>
-          host 127.0.0.1:1
-          tls none
-          timeout 2s
-        </smtp-mailer>
-        <direct-delivery urgent>
-          mailer down
-        </direct-delivery>
-    </mailout>''')
-    _, deliveries = build_all(settings)
-    deliveries['urgent'].send('sender@example.org', ['ann@example.org'],
-                              message())
+    direct_delivery(1, 'timeout 2s').send(
+        'sender@example.org', ['ann@example.org'], message())
     with pytest.raises(TransientDeliveryError, match='127.0.0.1:1'):
         transaction.commit()
 
@@ -232,18 +222,9 @@ def test_direct_delivery_partial_refusal_sends_nothing(tmp_path, start_sink):
     them, and commit fails naming the refusal."""
     from mailout.interfaces import DeliveryError
     sink = start_sink('--refuse', 'bad@example.org=550 5.1.1 no such user')
-    _, deliveries = build_all(config.loads(f'''<mailout>
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    </mailout>'''))
-    deliveries['urgent'].send('sender@example.org',
-                              ['good@example.org', 'bad@example.org'],
-                              message())
+    direct_delivery(sink.port).send('sender@example.org',
+                                    ['good@example.org', 'bad@example.org'],
+                                    message())
     with pytest.raises(DeliveryError, match='bad@example.org: 550'):
         transaction.commit()
     assert sink.messages() == []

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from mailout import config
-from mailout.factories import build_all
+from helpers import direct_delivery
 from mailout.interfaces import MessageError
 
 header_names = st.from_regex(r'\A[A-Za-z][A-Za-z0-9-]{0,15}\Z') | \
@@ -45,18 +44,9 @@ def test_accepted_message_arrives_unchanged(_session_sink, tmp_path,
     sink.clear()
     text = ''.join(f'{n}:{v}{eol}' for n, v in header_list) + eol \
         + ''.join(line + eol for line in lines)
-    _, deliveries = build_all(config.loads(f'''<mailout>
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    </mailout>'''))
     try:
-        deliveries['urgent'].send('a@example.org', ['b@example.org'],
-                                  text.encode() if as_bytes else text)
+        direct_delivery(sink.port).send('a@example.org', ['b@example.org'],
+                                        text.encode() if as_bytes else text)
     except MessageError:
         transaction.abort()
         assume(False)
