@@ -36,7 +36,24 @@ def delivery_error(code, text):
 
 
 @implementer(IMailer)
-class SMTPMailer:
+class Mailer:
+    """What every mailer shares: zope.sendmail's IMailer asks for ``vote``
+    and ``abort``, and there is nothing to check before sending nor to
+    undo; ``close`` ends the calling thread's connection, if any."""
+
+    smtputf8 = False
+
+    def vote(self, fromaddr, toaddrs, message):
+        pass
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class SMTPMailer(Mailer):
     """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured.
 
     With several relays, new connections go to each in turn; a relay that
@@ -66,14 +83,6 @@ class SMTPMailer:
     def __repr__(self):
         relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
         return f'<SMTPMailer {self.name!r} {relays} tls={self.settings.tls}>'
-
-    # zope.sendmail's IMailer asks for these two; there is nothing to check
-    # before sending, nor anything to undo.
-    def vote(self, fromaddr, toaddrs, message):
-        pass
-
-    def abort(self):
-        pass
 
     def send(self, fromaddr, toaddrs, message, all_or_none=False):
         args = fromaddr, toaddrs, message, all_or_none
@@ -311,7 +320,6 @@ def _describe(error):
         else type(error).__name__
 
 
-@implementer(IMailer)
 class LMTPMailer(SMTPMailer):
     """Hand messages to an LMTP server (RFC 2033), such as Mailman 3's LMTP
     runner, over TCP or a unix socket.  The server answers the final dot
@@ -353,8 +361,7 @@ class LMTPMailer(SMTPMailer):
         return refused
 
 
-@implementer(IMailer)
-class SendmailMailer:
+class SendmailMailer(Mailer):
     """Run the local sendmail program: ``sendmail -i -f FROM -- TO...``,
     with no shell, the message on its standard input."""
 
@@ -366,19 +373,9 @@ class SendmailMailer:
     def __init__(self, settings):
         self.settings = settings
         self.name = settings.name
-        self.smtputf8 = False
 
     def __repr__(self):
         return f'<SendmailMailer {self.name!r} {self.settings.path}>'
-
-    def vote(self, fromaddr, toaddrs, message):
-        pass
-
-    def abort(self):
-        pass
-
-    def close(self):
-        pass
 
     def send(self, fromaddr, toaddrs, message, all_or_none=False):
         # sendmail takes every recipient or none.

@@ -461,10 +461,7 @@ class Queue:
                 return area, name   # a processor promoted it meanwhile
             raise QueueError(f'{name} left {area}/ meanwhile') from None
         if area == 'failed':
-            try:
-                os.unlink(self._area('failed', name + '.reason'))
-            except FileNotFoundError:
-                pass
+            _unlink(self._area('failed', name + '.reason'))
         _fsync_directory(self._area('new'))
         self.wake()
         return area, target
@@ -480,10 +477,7 @@ class Queue:
         except FileNotFoundError:
             raise QueueError(f'{name} left {area}/ meanwhile') from None
         if area == 'failed':
-            try:
-                os.unlink(self._area('failed', name + '.reason'))
-            except FileNotFoundError:
-                pass
+            _unlink(self._area('failed', name + '.reason'))
 
 
 @dataclasses.dataclass

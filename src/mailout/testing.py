@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mailout.delivery import _Delivery
 from mailout.interfaces import IMailDelivery
-from mailout.interfaces import IMailer
+from mailout.mailers import Mailer
 
 try:
     import pytest
@@ -43,8 +43,7 @@ class SentMessage:
                                         policy=email.policy.default)
 
 
-@implementer(IMailer)
-class MemoryMailer:
+class MemoryMailer(Mailer):
     """An IMailer that keeps what it is given in ``sent``."""
 
     def __init__(self, smtputf8=False):
@@ -54,15 +53,6 @@ class MemoryMailer:
     def send(self, fromaddr, toaddrs, message, all_or_none=False):
         self.sent.append((fromaddr, tuple(toaddrs), message))
         return {}
-
-    def vote(self, fromaddr, toaddrs, message):
-        pass
-
-    def abort(self):
-        pass
-
-    def close(self):
-        pass
 
 
 @implementer(IMailDelivery)
