@@ -9,7 +9,8 @@ closes, so it dies with the test run.
 Faults, for the fault matrix (tests/test_faults.py): scripted replies
 (--mail-reply, --rcpt-reply, --data-command-reply, --data-reply,
 --starttls-reply), a connection dropped (--drop-at) or stalled (--stall,
---stall-at) at a given point.  --faults N applies them to the first N
+--stall-at) at a given point, a relay slow at DATA (--data-delay: each
+accepted message is recorded, then its reply waits).  --faults N applies them to the first N
 occasions only, then the sink behaves (--refuse is not counted).  A message
 received in full but never answered (dropped or stalled "after-dot", the
 RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
@@ -87,9 +88,15 @@ class Recorder:
         if self.args.data_reply and self.fault():
             return self.args.data_reply
         if self.args.lmtp:
-            return self.lmtp_replies(envelope, record)
-        self.save(record, 'json')
-        return '250 Message accepted'
+            reply = self.lmtp_replies(envelope, record)
+        else:
+            self.save(record, 'json')
+            reply = '250 Message accepted'
+        if self.args.data_delay:
+            # Slow at DATA: the message is recorded, its reply waits (the
+            # loop serves the other connections meanwhile).
+            await asyncio.sleep(self.args.data_delay)
+        return reply
 
     def lmtp_replies(self, envelope, record):
         # LMTP answers the final dot once per accepted recipient; each line
@@ -271,6 +278,10 @@ def main(argv=None):
     parser.add_argument('--data-reply', metavar='REPLY',
                         help='answer the end of the message data with REPLY '
                              '(the message is not recorded)')
+    parser.add_argument('--data-delay', type=float, metavar='SECONDS',
+                        help='wait this long before answering the final '
+                             'dot of an accepted message (a relay slow at '
+                             'DATA); other connections are served meanwhile')
     parser.add_argument('--starttls-reply', metavar='REPLY',
                         help='answer STARTTLS (offered) with REPLY')
     parser.add_argument('--drop-at', choices=POINTS,
