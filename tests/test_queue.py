@@ -194,7 +194,7 @@ def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
                   os.path.join(queue.path, 'tmp', theirs))
         renamed[name] = theirs
     first = renamed[committed[0]]
-    marker = queue_module._commit_marker(first)
+    marker = queue_module._marker(first, ".commit")
     open(os.path.join(queue.path, 'tmp', marker), 'w').close()
     os.rename(os.path.join(queue.path, 'tmp', first),
               os.path.join(queue.path, 'new', first))
@@ -211,7 +211,7 @@ def test_predecessor_with_our_pid(queue):
                        'Subject: x\r\n\r\nbody\r\n')
     committed = [queue.write(envelope, 'batch1') for _ in range(2)]
     uncommitted = queue.write(envelope, 'batch2')
-    marker = queue_module._commit_marker(committed[0])
+    marker = queue_module._marker(committed[0], ".commit")
     open(os.path.join(queue.path, 'tmp', marker), 'w').close()
     os.rename(os.path.join(queue.path, 'tmp', committed[0]),
               os.path.join(queue.path, 'new', committed[0]))

@@ -69,6 +69,11 @@ def main(argv=None):
         return args.run(args)
     except CommandError as e:
         return _fail(args, e.status, str(e))
+    except ValueError as e:
+        from mailout.queue import QueueError
+        if not isinstance(e, QueueError):   # e.g. a queue refused as unsafe
+            raise
+        return _fail(args, FAILED, str(e))
     except PermissionError as e:
         return _fail(args, FAILED, f'{e.strerror}: {e.filename} (run mailout '
                                    'as the user that owns the queue)')
@@ -293,14 +298,15 @@ def _queued(settings, only=None, required=True):
     return [(names, path) for path, names in queues.items()]
 
 
-def _open_queue(path):
+def _open_queue(path, writable=False):
     """The Queue at ``path``, or None if it does not exist yet (nothing was
     ever queued there; not created here, so that an operator running as
-    another user leaves no directory behind)."""
+    another user leaves no directory behind).  Inspection only reads:
+    ``writable`` for the commands that move or delete."""
     from mailout.queue import Queue
     if not os.path.isdir(os.path.join(path, 'new')):
         return None
-    return Queue.open(path)
+    return Queue(path, writable=writable)
 
 
 def _print_json(data):
@@ -507,9 +513,9 @@ def _process_daemon(args, source, processors):
 
 # -- queue ------------------------------------------------------------------------
 
-def _queues_of(args):
+def _queues_of(args, writable=False):
     settings, source = _settings(args)
-    return source, [(names, path, _open_queue(path))
+    return source, [(names, path, _open_queue(path, writable))
                     for names, path in _queued(settings, args.delivery)]
 
 
@@ -682,7 +688,7 @@ def _headers(message):
 
 def run_queue_retry(args):
     from mailout.queue import QueueError
-    _, queues = _queues_of(args)
+    _, queues = _queues_of(args, writable=True)
     if args.id:
         names, queue, name = _find(queues, args.id)
         areas = [e.area for e in queue.locate(name)]
@@ -729,7 +735,7 @@ def run_queue_purge(args):
     if not args.id and not args.failed:
         raise CommandError(USAGE, 'give ID, or --failed (with --older-than '
                                   'AGE)')
-    _, queues = _queues_of(args)
+    _, queues = _queues_of(args, writable=True)
     now = time.time()
     if args.id:
         names, queue, name = _find(queues, args.id)

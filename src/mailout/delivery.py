@@ -4,9 +4,12 @@
 manager does the work at commit:
 
 * queued: ``tpc_vote`` writes and fsyncs each message into the queue's
-  ``tmp/``; ``tpc_finish`` only renames them into ``new/`` (plus one
-  directory fsync) and wakes the processor, because nothing that can fail
-  may happen after the vote.
+  ``tmp/`` with the batch's commit marker; ``tpc_finish`` only renames them
+  into ``new/`` (plus one directory fsync) and wakes the processor, because
+  nothing that can fail may happen after the vote.  Once every resource has
+  voted, the mail is committed: if a rename still fails, or another
+  resource's ``tpc_finish`` fails, the batch stays in ``tmp/`` for recovery
+  to finish, never discarded while the other resources keep their changes.
 * direct: ``tpc_vote`` hands the messages to the mailer.  The data manager
   sorts last, so every other resource has voted yes before mail leaves; a
   refusal makes the vote, and so the commit, fail.
@@ -92,6 +95,7 @@ class QueuedDelivery(_Delivery):
         try:
             for envelope in envelopes:
                 names.append(self.queue.write(envelope, batch))
+            self.queue.prepare(names)
         except BaseException:
             self.queue.discard(names)
             raise
@@ -143,6 +147,7 @@ class MailDataManager:
         self.transaction_manager = transaction_manager
         self.envelopes = []
         self._state = None
+        self._voted = self._finishing = False
 
     def __repr__(self):
         return f'<MailDataManager for {self.delivery!r}: ' \
@@ -161,14 +166,26 @@ class MailDataManager:
 
     def tpc_vote(self, txn):
         self._state = self.delivery._vote(self.envelopes)
+        self._voted = True
 
     def tpc_finish(self, txn):
         self._forget(txn)
+        self._finishing = True
         self.delivery._finish(self._state)
 
     def tpc_abort(self, txn):
         self._forget(txn)
-        self.delivery._abort(self._state)
+        if self._finishing:
+            pass        # a later resource's tpc_finish failed: ours is done
+        elif self._voted and _all_voted(txn):
+            # Every resource voted yes, so the transaction committed, but an
+            # earlier one's tpc_finish failed: the others keep their
+            # changes, so the mail goes out too.
+            log.error('%r: the commit failed in its second phase after every '
+                      'resource voted; sending the mail all the same', self)
+            self.delivery._finish(self._state)
+        else:
+            self.delivery._abort(self._state)
         self._state = None
 
     def abort(self, txn):
@@ -183,6 +200,16 @@ class MailDataManager:
 
     def savepoint(self):
         return _Savepoint(self, len(self.envelopes))
+
+
+def _all_voted(txn):
+    # transaction calls tpc_abort after a refused vote and after a failed
+    # tpc_finish alike; only its record of the votes (private, but stable
+    # since transaction 1.x) tells the two apart.
+    voted, resources = getattr(txn, '_voted', None), \
+        getattr(txn, '_resources', None)
+    return voted is not None and resources is not None \
+        and all(id(r) in voted for r in resources)
 
 
 @implementer(IDataManagerSavepoint)

@@ -26,6 +26,10 @@ from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 from mailout.message import message_id_of
+try:    # TEMP until message.printable lands
+    from mailout.message import printable
+except ImportError:
+    printable = str
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ class Processor:
         self._stopping = threading.Event()
         self._names = collections.deque()   # listed in new/, not yet tried
         self._names_lock = threading.Lock()
-        self._last_maintenance = 0
+        self._last_maintenance = None       # time.monotonic()
 
     def __repr__(self):
         return f'<Processor {self.name!r} {self.queue.path}>'
@@ -192,14 +196,19 @@ class Processor:
     def _maintain(self):
         """Recover dead claims and promote due deferred messages, at most
         once a poll interval for all threads, also while new mail keeps
-        them busy."""
-        now = time.time()
+        them busy.  The interval is measured on the monotonic clock: the
+        wall clock may step back."""
+        now = time.monotonic()
         with self._names_lock:
-            if now - self._last_maintenance < self.poll_interval:
+            if self._last_maintenance is not None \
+                    and now - self._last_maintenance < self.poll_interval:
                 return
             self._last_maintenance = now
-        self.queue.recover(now)
-        self.queue.promote_due(now)
+        self._recover()
+
+    def _recover(self):
+        self.queue.recover()
+        self.queue.promote_due(horizon=self.retry.max_backoff)
 
     def _next_name(self):
         # One listing of new/ serves every sender thread until it is used
@@ -228,23 +237,51 @@ class Processor:
         return handled
 
     def run_once(self):
-        """Recover, promote due messages and deliver until ``new/`` is
-        empty, in the calling thread; for scripts and tests.  Return how
-        many were handled."""
-        self.queue.recover()
-        self.queue.promote_due()
-        try:
-            return self.process_waiting()
-        finally:
-            self.mailer.close()
+        """Recover, promote due messages and deliver what is waiting now
+        over ``connections`` threads, then return how many were handled;
+        for scripts, cron and tests.  Messages deferred meanwhile wait for
+        a later run, so it always ends."""
+        self._recover()
+        names = collections.deque(self.queue.waiting())
+        handled = collections.Counter()
+
+        def work():
+            try:
+                while names and not (self.rate is not None
+                                     and self.rate.wait(threading.Event())):
+                    try:
+                        name = names.popleft()
+                    except IndexError:
+                        break
+                    claimed = self.queue.claim(name)
+                    if claimed is not None:
+                        self.deliver(claimed)
+                        handled[threading.get_ident()] += 1
+            finally:
+                self.mailer.close()
+        workers = [threading.Thread(target=work, name=f'mailout {self.name} '
+                                    f'once {i}') for i in
+                   range(max(min(self.connections, len(names)), 1))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(handled.values())
 
     def deliver(self, claimed):
         """Send one claimed message and move it where its outcome says."""
         try:
             message = self.queue.read(claimed)
-        except ValueError as e:         # QueueError, UnicodeDecodeError
-            log.error('%r: unreadable queue file %s: %s', self, claimed, e)
-            self.queue.quarantine(claimed, _attempt((None, str(e))))
+        except FileNotFoundError:       # taken from us meanwhile
+            self.queue.release(claimed, (), 0)
+            return
+        except (ValueError, OSError) as e:  # QueueError, UnicodeDecodeError
+            self._quarantine(claimed, e)
+            return
+        if not message.toaddrs:         # settled, but could not be removed
+            log.info('%r: %s was delivered to every recipient already: '
+                     'removing it', self, printable(message.name))
+            self.queue.done(claimed)
             return
         message_id = message_id_of(message.message)
         try:
@@ -260,6 +297,17 @@ class Processor:
                                     (None, f'{type(e).__name__}: {e}'))
         self._settle(claimed, message, message_id, refused)
 
+    def _quarantine(self, claimed, error):
+        log.error('%r: unreadable queue file %s: %s', self,
+                  printable(claimed), printable(str(error)))
+        try:
+            self.queue.quarantine(claimed, _attempt((None, str(error))))
+        except OSError as e:
+            log.error('%r: cannot move %s to failed/ (%s): left for a later '
+                      'attempt', self, printable(claimed), e)
+            self.queue.release(claimed, (), time.time()
+                               + self.retry.min_backoff)
+
     def _settle(self, claimed, message, message_id, refused):
         sent = tuple(a for a in message.toaddrs if a not in refused)
         failed = {a: r for a, r in refused.items() if _is_permanent(r)}
@@ -273,17 +321,29 @@ class Processor:
             deferred = {}
         # The queue first, then logs and events: neither a crash nor a
         # failing subscriber past this point can make the message go twice.
-        if failed:
-            failed_reply = _summary(failed)
-            self.queue.fail(claimed, tuple(failed), _attempt(failed_reply),
-                            keep_claim=bool(deferred))
-        if deferred:
-            deferred_reply = _summary(deferred)
-            until = self.retry.next_attempt(len(message.attempts) + 1, now)
-            self.queue.defer(claimed, tuple(deferred),
-                             _attempt(deferred_reply), until)
-        elif not failed:
-            self.queue.done(claimed)
+        failed_reply = _summary(failed) if failed else None
+        deferred_reply = _summary(deferred) if deferred else None
+        until = self.retry.next_attempt(len(message.attempts) + 1, now)
+        recorded = ()                   # recipients whose outcome is on disk
+        try:
+            if failed:
+                self.queue.fail(claimed, tuple(failed),
+                                _attempt(failed_reply),
+                                keep_claim=bool(deferred))
+                recorded = tuple(failed)
+            if deferred:
+                self.queue.defer(claimed, tuple(deferred),
+                                 _attempt(deferred_reply), until)
+            elif not failed:
+                self.queue.done(claimed)
+        except OSError as e:
+            # No space, an area removed or read-only: release the message
+            # for a later attempt, never again to those who have it.
+            log.error('%r: cannot record the outcome of %s (%s): released '
+                      'for another attempt after %s', self,
+                      printable(message.name), e, _stamp(until))
+            self.queue.release(claimed, sent + recorded, until)
+            failed, deferred = {a: failed[a] for a in recorded}, {}
         about = message_id, message.fromaddr
         where = self.name, message.name
         if sent:
@@ -323,9 +383,13 @@ def _summary(refused):
                                      for a, (c, t) in refused.items()))
 
 
+def _stamp(seconds):
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds))
+
+
 def _attempt(reply):
     code, text = reply
-    stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    stamp = _stamp(time.time())
     text = ' '.join(str(text).split())      # one line
     return f'{stamp} {code} {text}' if code else f'{stamp} {text}'
 

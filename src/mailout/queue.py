@@ -3,9 +3,11 @@
 Layout of a queue directory (all 0700, files 0600)::
 
     tmp/        messages of transactions that have voted, not yet committed
-                (TIME.PID-TOKEN_BATCH_UNIQUE.HOST), and commit markers
+                (TIME.PID-TOKEN_BATCH_UNIQUE.HOST), and the commit markers
+                of their batches (PID-TOKEN_BATCH.HOST.prepared at the
+                vote, renamed to .commit at the commit)
     new/        committed messages waiting for delivery
-    cur/        messages claimed by a sender: NAME,HOST,PID,TOKEN
+    cur/        messages claimed by a sender thread: NAME,HOST,PID,TOKEN-N
     deferred/   messages waiting for a retry; the file's mtime is when
                 the retry is due
     failed/     messages that failed for good, with their attempt history
@@ -16,23 +18,33 @@ A message file is an envelope block, a blank line, then the message::
     X-Mailout-To: one@example.org
     X-Mailout-Attempt: 2026-11-25T09:00:00Z 451 try later
 
+(``X-Mailout-Ok:`` instead of ``X-Mailout-To:`` marks a recipient already
+settled, written in place when the outcome could not be recorded.)
+
 Every move between areas is one ``rename`` (a rewrite of the envelope is
 written aside and renamed over the claimed file first), so a crash at any
 point leaves each message in exactly one place; claims and unfinished
-writes of dead processes are recovered.  Files written by zope.sendmail's
+writes of dead processes are recovered.  Queue files are opened without
+following links or blocking, and only regular files are read; anything
+else is quarantined in ``failed/`` with a reason.  Files written by zope.sendmail's
 queued delivery (``X-Zope-From`` and ``X-Zope-To`` lines before the
 message) are read too; its dot-files are ignored, as Maildir readers do.
 """
 import dataclasses
 import errno
+import itertools
+import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
 
 from mailout.interfaces import MailoutError
 from mailout.message import normalise_line_endings
+
+log = logging.getLogger(__name__)
 
 AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed')
 _HOST = (socket.gethostname() or 'localhost').replace(',', '_') \
@@ -66,7 +78,12 @@ class QueuedMessage:
 
 class Queue:
     """One queue directory.  Use `Queue.open`: one object per directory and
-    process, so that commits wake the processor waiting on it."""
+    process, so that commits wake the processor waiting on it.
+
+    Every area must be a directory of this user's, not a link; missing
+    areas are created (0700) and existing ones set to 0700.  A queue opened
+    with ``writable=False`` (inspection) only reads: it creates and changes
+    nothing and accepts areas of another owner."""
 
     _open = {}
     _open_lock = threading.Lock()
@@ -80,16 +97,18 @@ class Queue:
                 queue = cls._open[path] = cls(path)
             return queue
 
-    def __init__(self, path):
-        self.path = path
-        for area in AREAS:
-            os.makedirs(os.path.join(path, area), mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
+    def __init__(self, path, writable=True):
+        self.path = os.path.realpath(path)
+        self.writable = writable
+        self._check_areas(announce=False)
         self._arrived = threading.Condition()
         self._arrivals = 0
         self._token = uuid.uuid4().hex[:8]
+        self._claim_numbers = itertools.count()
         self._claims = set()        # claims held by this process, by name
         self._claims_lock = threading.Lock()
+        self._unfinished = []       # committed batches still in tmp/
+        self._reported = set()      # foreign names logged once
         os.register_at_fork(after_in_child=self._after_fork)
 
     def __repr__(self):
@@ -100,14 +119,64 @@ class Queue:
         self._token = uuid.uuid4().hex[:8]
         self._claims = set()
         self._claims_lock = threading.Lock()
+        self._unfinished = []
 
     @property
     def _writer(self):
         """This process, in the names of its tmp/ files: PID-TOKEN."""
         return f'{os.getpid()}-{self._token}'
 
-    def _area(self, area, name=''):
-        return os.path.join(self.path, area, name)
+    def _area(self, area, name=None):
+        # No trailing slash for an area: it would make lstat follow a link.
+        return os.path.join(self.path, area, *filter(None, [name]))
+
+    def _check_areas(self, announce=True):
+        """Refuse areas that are links, not directories or (writable) of
+        another owner; create missing ones and set modes (writable)."""
+        for area in ('',) + AREAS:
+            path = self._area(area) if area else self.path
+            try:
+                mode = os.lstat(path)
+            except FileNotFoundError:
+                if not self.writable:
+                    continue
+                os.makedirs(path, 0o700, exist_ok=True)
+                if announce:
+                    log.warning('%r: %s was missing (removed under a running '
+                                'process?): created it again', self, path)
+                mode = os.lstat(path)
+            if stat.S_ISLNK(mode.st_mode):
+                raise QueueError(f'{path} is a symbolic link: refusing to '
+                                 'use it as a queue area')
+            if not stat.S_ISDIR(mode.st_mode):
+                raise QueueError(f'{path} is not a directory')
+            if not self.writable:
+                continue
+            if mode.st_uid != os.geteuid():
+                raise QueueError(
+                    f'{path} belongs to uid {mode.st_uid}, not to this user '
+                    f'(uid {os.geteuid()}): run mailout as the queue\'s owner')
+            if stat.S_IMODE(mode.st_mode) != 0o700:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY
+                             | os.O_NOFOLLOW)
+                try:
+                    os.fchmod(fd, 0o700)
+                finally:
+                    os.close(fd)
+
+    def _listdir(self, area):
+        """The names in ``area``, without dot-files (not messages, as in
+        Maildir); none if the area is missing."""
+        try:
+            return [n for n in os.listdir(self._area(area))
+                    if not n.startswith('.')]
+        except FileNotFoundError:
+            return []
+
+    def _report_once(self, name, what, *args):
+        if name not in self._reported:
+            self._reported.add(name)
+            log.warning('%r: ' + what, self, *args)
 
     # -- writing (used by the transaction's data manager) -------------------
 
@@ -119,29 +188,88 @@ class Queue:
                f'.{_HOST}'
         data = _envelope_block(envelope.fromaddr, envelope.toaddrs) \
             + b'\r\n' + envelope.message
-        _write_durably(self._area('tmp', name), data)
+        try:
+            _write_durably(self._area('tmp', name), data)
+        except FileNotFoundError:       # tmp/ was removed under us
+            self._check_areas()
+            _write_durably(self._area('tmp', name), data)
         return name
 
-    def commit(self, names):
-        """Move written messages into ``new/``, all or none: a commit marker
-        in ``tmp/`` tells recovery to finish the renames of a process that
-        died among them.  One directory fsync for all.  Only renames can
-        fail here, and they do not on a sane disk."""
-        marker = None
+    def prepare(self, names):
+        """Make the commit marker of a batch written with `write` (at the
+        vote), so that `commit` needs no new file: it renames it."""
         if len(names) > 1:
-            marker = self._area('tmp', _commit_marker(names[0]))
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
-            _fsync_directory(self._area('tmp'))     # before any rename
-        for name in names:
-            os.rename(self._area('tmp', name), self._area('new', name))
-        _fsync_directory(self._area('new'))
+            _write_durably(self._area('tmp', _marker(names[0], '.prepared')),
+                           b'')
+
+    def commit(self, names):
+        """Move written messages into ``new/``, all or none: from the
+        renamed commit marker on, the batch is committed, and whoever sees
+        the marker (recovery too) finishes the renames.  One directory
+        fsync for all.  Never raises: if a rename fails (``new/`` removed
+        or not writable), the batch stays committed in ``tmp/``, is logged
+        loudly and moved by the next `recover`.  True if all went well."""
+        marker = None
+        try:
+            if len(names) > 1:
+                marker = self._area('tmp', _marker(names[0], '.commit'))
+                try:
+                    os.rename(self._area('tmp', _marker(names[0],
+                                                        '.prepared')), marker)
+                except FileNotFoundError:   # not prepared, or done already
+                    if not os.path.lexists(marker):
+                        _write_durably(marker, b'')
+                _fsync_directory(self._area('tmp'))     # before any rename
+            self._move_to_new(names)
+        except OSError as e:
+            log.critical('%r: %d committed message(s) could not be moved into '
+                         'new/ (%s); they stay in tmp/ and are moved there when '
+                         'the queue recovers', self, len(names), e)
+            self._keep_unfinished(names, marker)
+            return False
         if marker is not None:
-            os.unlink(marker)
+            _unlink(marker)
         self.wake()
+        return True
+
+    def _move_to_new(self, names):
+        for name in names:
+            try:
+                os.rename(self._area('tmp', name), self._area('new', name))
+            except FileNotFoundError:
+                if os.path.lexists(self._area('tmp', name)):
+                    raise               # new/ is missing
+                # recovery finished this batch meanwhile
+        _fsync_directory(self._area('new'))
+
+    def _keep_unfinished(self, names, marker):
+        # The marker lets a restarted process finish the batch; it may be
+        # impossible to make now (no space): then only this process knows.
+        if marker is None:
+            try:
+                _write_durably(self._area('tmp', _marker(names[0], '.commit')),
+                               b'')
+                _fsync_directory(self._area('tmp'))
+            except OSError:
+                pass
+        with self._claims_lock:
+            self._unfinished.append(list(names))
+
+    def _finish_unfinished(self):
+        """Commit again the batches whose renames failed in this process
+        (those with a marker in tmp/ are finished by `_clean_tmp` too)."""
+        with self._claims_lock:
+            batches, self._unfinished = self._unfinished, []
+        for names in batches:
+            if self.commit(names):
+                log.warning('%r: %d committed message(s) moved into new/ '
+                            'after all', self, len(names))
 
     def discard(self, names):
         for name in names:
             _unlink(self._area('tmp', name))
+        if names:
+            _unlink(self._area('tmp', _marker(names[0], '.prepared')))
 
     # -- waking the processor ------------------------------------------------
 
@@ -166,27 +294,32 @@ class Queue:
     # -- processing ----------------------------------------------------------
 
     def waiting(self):
-        """Names in ``new/``, oldest first (dot-files are not messages)."""
-        return sorted(name for name in os.listdir(self._area('new'))
-                      if not name.startswith('.'))
+        """Names in ``new/``, oldest first."""
+        return sorted(self._listdir('new'))
 
     def claim(self, name):
-        """Take ``new/NAME`` for this thread; None if another took it."""
-        claimed = f'{name},{_HOST},{os.getpid()},{self._token}'
+        """Take ``new/NAME`` for the calling thread; None if another took
+        it.  Each claim has a name of its own (NAME,HOST,PID,TOKEN-N), so
+        two threads racing for one file never share a claim."""
+        claimed = f'{name},{_HOST},{os.getpid()},' \
+                  f'{self._token}-{next(self._claim_numbers)}'
         with self._claims_lock:
             self._claims.add(claimed)
         try:
             os.rename(self._area('new', name), self._area('cur', claimed))
         except FileNotFoundError:
-            with self._claims_lock:
-                self._claims.discard(claimed)
+            self._unclaim(claimed)
             return None
+        except OSError:
+            self._unclaim(claimed)
+            raise
         return claimed
 
     def read(self, claimed):
-        with open(self._area('cur', claimed), 'rb') as f:
-            data = f.read()
-        return _parse(claimed.split(',', 1)[0], data)
+        """The claimed message; `QueueError` for anything but a readable
+        regular file."""
+        return _parse(claimed.split(',', 1)[0],
+                      _read_regular(self._area('cur', claimed)))
 
     def done(self, claimed):
         """The message was delivered to every recipient: forget it."""
@@ -207,54 +340,101 @@ class Queue:
 
         With ``keep_claim`` a copy goes to ``failed/`` and the claimed
         message stays (the other recipients are still to be handled)."""
-        name = self._failed_name(claimed.split(',', 1)[0])
         if keep_claim:
-            _write_durably(self._area('failed', name),
-                           _with_history(self.read(claimed), toaddrs, attempt))
+            data = _with_history(self.read(claimed), toaddrs, attempt)
+            self._add_failed(claimed, lambda path: _write_durably(path, data))
             return
         self._rewrite(claimed, toaddrs, attempt)
-        os.rename(self._area('cur', claimed), self._area('failed', name))
+        self._add_failed(claimed, lambda path: os.rename(
+            self._area('cur', claimed), path))
         self._unclaim(claimed)
-
-    def _failed_name(self, name):
-        # Recipients of one message may fail on different attempts: each
-        # failure keeps a record of its own (NAME, NAME+2, ...).  Only the
-        # claim's holder fails a message, so checking first is safe.
-        candidate, number = name, 1
-        while os.path.lexists(self._area('failed', candidate)):
-            number += 1
-            candidate = f'{name}+{number}'
-        return candidate
 
     def quarantine(self, claimed, reason):
-        """Move an unreadable claimed file to ``failed/`` as it is, with
+        """Move an unreadable claimed entry to ``failed/`` as it is, with
         ``NAME.reason`` beside it."""
-        name = self._failed_name(claimed.split(',', 1)[0])
-        with open(self._area('failed', name + '.reason'), 'w') as f:
-            f.write(reason + '\n')
-        os.rename(self._area('cur', claimed), self._area('failed', name))
+        def move(path):
+            _write_durably(path + '.reason', (reason + '\n').encode())
+            try:
+                os.rename(self._area('cur', claimed), path)
+            except OSError:
+                _unlink(path + '.reason')
+                raise
+        self._add_failed(claimed, move)
         self._unclaim(claimed)
 
-    def promote_due(self, now=None):
-        """Move deferred messages whose time has come back to ``new/``."""
+    def _add_failed(self, claimed, create):
+        # Recipients of one message may fail on different attempts: each
+        # failure keeps a record of its own (NAME, NAME+2, ...).  Only the
+        # claim's holder fails a message; a name taken meanwhile (or a
+        # planted NAME.reason) moves on to the next number.
+        name = claimed.split(',', 1)[0]
+        for number in itertools.count(1):
+            path = self._area('failed', name if number == 1
+                              else f'{name}+{number}')
+            if os.path.lexists(path) or os.path.lexists(path + '.reason'):
+                continue
+            try:
+                return create(path)
+            except FileExistsError:
+                continue
+
+    def release(self, claimed, settled, until):
+        """Give back a claim whose outcome could not be recorded (no space,
+        an area removed or read-only): the recipients in ``settled`` are
+        marked done in the file itself (an overwrite in place needs no new
+        space), then the message goes to ``deferred/`` until ``until`` (or,
+        failing that, to ``new/``), to be tried again once the fault clears
+        -- never again for those recipients."""
+        path = self._area('cur', claimed)
+        name = claimed.split(',', 1)[0]
+        _unlink(self._area('tmp', claimed + '.rewrite'))
+        try:
+            if settled and not _mark_settled(path, settled):
+                log.error('%r: %s is in zope.sendmail\'s format: cannot mark '
+                          '%s as done; they may get a second copy', self,
+                          name, ', '.join(settled))
+            try:
+                os.utime(path, (until, until))
+                os.rename(path, self._area('deferred', name))
+            except OSError:
+                os.rename(path, self._area('new', name))
+        finally:
+            # If the rename failed too, recovery gives it back later.
+            self._unclaim(claimed)
+
+    def promote_due(self, now=None, horizon=None):
+        """Move deferred messages whose time has come back to ``new/``.  A
+        retry time more than ``horizon`` seconds ahead (the longest backoff)
+        means the clock stepped back: that message is due now."""
         now = time.time() if now is None else now
         moved = 0
-        for entry in os.scandir(self._area('deferred')):
-            try:
-                if entry.stat().st_mtime <= now:
-                    os.rename(entry.path, self._area('new', entry.name))
+        for name in self._listdir('deferred'):
+            path = self._area('deferred', name)
+            due = _mtime(path, now)
+            if due <= now or horizon is not None and due > now + horizon:
+                try:
+                    os.rename(path, self._area('new', name))
                     moved += 1
-            except FileNotFoundError:       # another processor moved it
-                pass
+                except FileNotFoundError:       # another processor moved it
+                    pass
         return moved
 
     def recover(self, now=None):
-        """Give claims of dead owners back to ``new/`` and remove their
-        unfinished writes from ``tmp/``; return how many claims came back."""
+        """Create missing areas, finish committed batches, give claims of
+        dead owners back to ``new/`` and remove their unfinished writes
+        from ``tmp/``; return how many claims came back.  A name that is
+        not mailout's is left alone (logged once)."""
         now = time.time() if now is None else now
+        if self.writable:
+            self._check_areas()
+        self._finish_unfinished()
         self._clean_tmp(now)
         recovered = 0
-        for claimed in os.listdir(self._area('cur')):
+        for claimed in self._listdir('cur'):
+            if _claim_parts(claimed) is None:
+                self._report_once(claimed, 'cur/%s is not a claim of '
+                                  "mailout's: left alone", claimed)
+                continue
             if self._owner_is_dead(claimed, now):
                 try:
                     os.rename(self._area('cur', claimed),
@@ -265,33 +445,39 @@ class Queue:
         return recovered
 
     def _clean_tmp(self, now):
-        # A dead writer's commit marker means its transaction committed:
-        # finish moving that batch to new/.  Its other writes never
-        # committed: remove them.  Which local writers are dead is decided
-        # before tmp/ is listed: a writer known dead changes nothing any
-        # more, so the listing shows its final state.  (A listing taken
-        # while it lived could lack the marker it made just before dying.)
+        # A commit marker means its transaction committed: finish moving
+        # that batch to new/, whoever wrote it.  Writes of a dead writer
+        # without one never committed: remove them.  Which local writers
+        # are dead is decided before tmp/ is listed: a writer known dead
+        # changes nothing any more, so the listing shows its final state.
+        # (A listing taken while it lived could lack the marker it made
+        # just before dying.)
         dead = {parts[0] for parts in map(_tmp_name_parts,
-                                          os.listdir(self._area('tmp')))
+                                          self._listdir('tmp'))
                 if parts and parts[2] == _HOST
                 and self._local_writer_is_dead(parts[0])}
-        names = os.listdir(self._area('tmp'))
+        names = self._listdir('tmp')
         committed = {}                  # (writer, batch) -> its marker
         for name in names:
             parts = _tmp_name_parts(name)
-            if parts and name.endswith('.commit') and self._writer_is_dead(
-                    parts, self._area('tmp', name), now, CLAIM_LEASE, dead):
+            if parts and name.endswith('.commit'):
                 committed[parts[:2]] = name
         for name in names:
             path = self._area('tmp', name)
             if name.endswith('.rewrite'):
-                if self._owner_is_dead(name[:-len('.rewrite')], now):
+                if _claim_parts(name[:-len('.rewrite')]) is None:
+                    self._report_once(name, 'tmp/%s is not mailout\'s: '
+                                      'left alone', name)
+                elif self._owner_is_dead(name[:-len('.rewrite')], now):
                     _unlink(path)
                 continue
             parts = _tmp_name_parts(name)
-            if parts is None or name.endswith('.commit'):
+            if parts is None:
+                self._report_once(name, 'tmp/%s is not mailout\'s: left '
+                                  'alone', name)
+            elif name.endswith('.commit'):
                 continue
-            if parts[:2] in committed:
+            elif parts[:2] in committed:
                 try:
                     os.rename(path, self._area('new', name))
                 except FileNotFoundError:   # another process moved it
@@ -317,17 +503,14 @@ class Queue:
         return writer in dead
 
     def _owner_is_dead(self, claimed, now):
-        try:
-            _, host, pid, token = claimed.split(',')
-            pid = int(pid)
-        except ValueError:
-            return True             # not a claim of ours: take it
+        _, host, pid, token = _claim_parts(claimed)
         if host != _HOST:
             # The rename that claimed (or rewrote) it set the file's ctime.
             return now - _ctime(self._area('cur', claimed), now) > CLAIM_LEASE
         if pid == os.getpid():
             with self._claims_lock:
-                return token != self._token or claimed not in self._claims
+                return token.split('-')[0] != self._token \
+                    or claimed not in self._claims
         return not _pid_alive(pid)
 
     def _unclaim(self, claimed):
@@ -335,8 +518,7 @@ class Queue:
             self._claims.discard(claimed)
 
     def read_failed(self, name):
-        with open(self._area('failed', name), 'rb') as f:
-            return _parse(name, f.read())
+        return _parse(name, _read_regular(self._area('failed', name)))
 
     def _rewrite(self, claimed, toaddrs, attempt):
         # Replace the claimed file in place (write aside, rename over), so a
@@ -344,11 +526,14 @@ class Queue:
         aside = self._area('tmp', f'{claimed}.rewrite')
         _write_durably(aside,
                        _with_history(self.read(claimed), toaddrs, attempt))
-        os.rename(aside, self._area('cur', claimed))
+        try:
+            os.rename(aside, self._area('cur', claimed))
+        except OSError:
+            _unlink(aside)
+            raise
 
     def count(self, area):
-        return sum(not name.startswith('.')
-                   for name in os.listdir(self._area(area)))
+        return len(self._listdir(area))
 
     # -- inspection and repair (the mailout command) -------------------------
 
@@ -356,9 +541,8 @@ class Queue:
         """An `Entry` for each message in ``area``, oldest first.  Reads only
         the envelope block; an unreadable file is an entry with ``error``."""
         result = []
-        for filename in os.listdir(self._area(area)):
-            if filename.startswith('.') or \
-                    area == 'failed' and filename.endswith('.reason'):
+        for filename in self._listdir(area):
+            if area == 'failed' and filename.endswith('.reason'):
                 continue
             entry = self._entry(area, filename)
             if entry is not None:
@@ -369,16 +553,17 @@ class Queue:
     def _entry(self, area, filename, whole=False):
         path = self._area(area, filename)
         try:
-            with open(path, 'rb') as f:
-                stat = os.fstat(f.fileno())
-                data = f.read() if whole else _read_head(f)
+            mode = os.lstat(path)
         except FileNotFoundError:       # moved on meanwhile
             return None
         entry = Entry(filename.split(',', 1)[0], area, filename,
-                      stat.st_mtime, stat.st_size)
+                      mode.st_mtime, mode.st_size)
         try:
+            data = _read_regular(path, None if whole else _read_head)
             message = _parse(entry.name, data)
-        except ValueError as e:         # QueueError, UnicodeDecodeError
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as e:  # QueueError, UnicodeDecodeError
             entry.error = str(e)
         else:
             entry.fromaddr, entry.toaddrs = message.fromaddr, message.toaddrs
@@ -386,10 +571,9 @@ class Queue:
             entry.message = message.message if whole else None
         if area == 'failed':
             try:
-                with open(self._area('failed', filename + '.reason'),
-                          encoding='utf-8', errors='replace') as f:
-                    entry.error = f.read().strip()
-            except FileNotFoundError:
+                entry.error = _read_regular(
+                    path + '.reason').decode('utf-8', 'replace').strip()
+            except (OSError, QueueError):
                 pass
         return entry
 
@@ -399,7 +583,7 @@ class Queue:
         partly delivered and partly failed is in two of them."""
         found = []
         for area in AREAS[1:]:
-            for filename in os.listdir(self._area(area)):
+            for filename in self._listdir(area):
                 if filename.split(',', 1)[0] == name \
                         and not filename.endswith('.reason'):
                     entry = self._entry(area, filename, whole=True)
@@ -416,9 +600,7 @@ class Queue:
         # A deferred file's mtime is its next attempt, not its age.
         pending = [e.queued_at for e in deferred if e.queued_at]
         for area in ('new', 'cur'):
-            for filename in os.listdir(self._area(area)):
-                if filename.startswith('.'):
-                    continue
+            for filename in self._listdir(area):
                 pending.append(_queued_at(filename.split(',', 1)[0])
                                or _mtime(self._area(area, filename), now))
         attempts = [(a, e.mtime) for e in deferred + failed
@@ -485,7 +667,7 @@ class Entry:
     """What `Queue.entries` and `Queue.locate` tell about one queue file."""
     name: str               # the message's name (its ID in the queue)
     area: str
-    filename: str           # in cur/: NAME,HOST,PID,TOKEN
+    filename: str           # in cur/: NAME,HOST,PID,TOKEN-N
     mtime: float            # in deferred/: when it is tried next
     size: int
     fromaddr: str = None
@@ -539,24 +721,31 @@ def _envelope_block(fromaddr, toaddrs, attempts=()):
     return ''.join(line + '\r\n' for line in lines).encode('utf-8')
 
 
+#: A recipient line overwritten in place by `Queue.release` (same length):
+#: the recipient is settled, not to be sent to again.
+_TO, _SETTLED = b'X-Mailout-To: ', b'X-Mailout-Ok: '
+
+
 def _parse(name, data):
     if data.startswith(b'X-Zope-From:'):
         return _parse_zope_sendmail(name, data)
     envelope, sep, message = data.partition(b'\r\n\r\n')
     if not sep:
         raise QueueError(f'queue file {name} has no envelope block')
-    fromaddr, toaddrs, attempts = None, [], []
+    fromaddr, toaddrs, attempts, settled = None, [], [], 0
     for line in envelope.decode('utf-8').split('\r\n'):
         key, _, value = line.partition(': ')
         if key == 'X-Mailout-From':
             fromaddr = value
         elif key == 'X-Mailout-To':
             toaddrs.append(value)
+        elif key == 'X-Mailout-Ok':
+            settled += 1
         elif key == 'X-Mailout-Attempt':
             attempts.append(value)
         else:
             raise QueueError(f'queue file {name}: unknown line {line!r}')
-    if fromaddr is None or not toaddrs:
+    if fromaddr is None or not toaddrs and not settled:
         raise QueueError(f'queue file {name} lacks sender or recipients')
     return QueuedMessage(name, fromaddr, tuple(toaddrs), message,
                          tuple(attempts))
@@ -564,24 +753,94 @@ def _parse(name, data):
 
 def _parse_zope_sendmail(name, data):
     # zope.sendmail: "X-Zope-From: a\nX-Zope-To: b, c\n" then the message.
-    from_line, to_line, message = data.split(b'\n', 2)
-    message = normalise_line_endings(message)
+    lines = data.split(b'\n', 2)
+    if len(lines) < 3 or not lines[1].startswith(b'X-Zope-To:'):
+        raise QueueError(f'zope.sendmail queue file {name} has no '
+                         'X-Zope-To line')
+    from_line, to_line, message = lines
     fromaddr = from_line.split(b':', 1)[1].strip().decode('utf-8')
     toaddrs = tuple(a.strip() for a in
                     to_line.split(b':', 1)[1].decode('utf-8').split(',')
                     if a.strip())
-    return QueuedMessage(name, fromaddr, toaddrs, message)
+    if not fromaddr or not toaddrs:
+        raise QueueError(f'zope.sendmail queue file {name} lacks sender or '
+                         'recipients')
+    return QueuedMessage(name, fromaddr, toaddrs,
+                         normalise_line_endings(message))
+
+
+def _mark_settled(path, addresses):
+    """Overwrite the recipient lines of ``addresses`` in place (no new
+    space needed); False for a file in zope.sendmail's format."""
+    fd = _open_regular(path, os.O_RDWR)
+    try:
+        with os.fdopen(os.dup(fd), 'rb') as f:
+            head = _read_head(f)
+        if head.startswith(b'X-Zope-From:'):
+            return False
+        lines = set(_TO + a.encode('utf-8') + b'\r\n' for a in addresses)
+        offset = 0
+        for line in head.split(b'\r\n\r\n', 1)[0].split(b'\r\n'):
+            if line + b'\r\n' in lines:
+                os.pwrite(fd, _SETTLED, offset)
+            offset += len(line) + 2
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path, flags=os.O_RDONLY):
+    """Open a queue file without following a link or blocking (a FIFO);
+    `QueueError` for anything but a regular file."""
+    _check_regular(path, os.lstat(path).st_mode)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):     # swapped meanwhile
+            raise QueueError(f'{os.path.basename(path)} is not a regular '
+                             'file') from None
+        raise
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except QueueError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path, mode):
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFDIR: 'a directory', stat.S_IFLNK: 'a symbolic link',
+                stat.S_IFIFO: 'a FIFO', stat.S_IFSOCK: 'a socket'}.get(
+            stat.S_IFMT(mode), 'a device')
+        raise QueueError(f'{os.path.basename(path)} is {kind}, not a '
+                         'regular file')
+
+
+def _read_regular(path, read=None):
+    """The bytes of a regular queue file (or what ``read(f)`` returns)."""
+    with os.fdopen(_open_regular(path), 'rb') as f:
+        return read(f) if read else f.read()
 
 
 def _write_durably(path, data):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create ``path`` (0600, never through a link) with ``data`` and fsync
+    it; a failed write leaves no partial file behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)        # whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)
 
 
 def _fsync_directory(path):
@@ -593,26 +852,44 @@ def _fsync_directory(path):
 
 
 def _tmp_name_parts(name):
-    """``(writer, batch, host)`` of a message or commit marker in tmp/
-    (the writer is PID-TOKEN); None for anything else."""
+    """``(writer, batch, host)`` of a message or marker in tmp/ (the writer
+    is PID-TOKEN); None for anything else."""
     try:
-        if name.endswith('.commit'):
-            writer_batch, host = name[:-len('.commit')].split('.', 1)
-            writer, batch = writer_batch.split('_')
+        for suffix in ('.commit', '.prepared'):
+            if name.endswith(suffix):
+                writer_batch, host = name[:-len(suffix)].split('.', 1)
+                writer, batch = writer_batch.split('_')
+                break
         else:
-            _, rest, host = name.split('.', 2)
+            stamp, rest, host = name.split('.', 2)
             writer, batch, _ = rest.split('_')
-        int(writer.split('-')[0])
-        writer.split('-')[1]
-    except (ValueError, IndexError):
+            int(stamp)
+        pid, token = writer.split('-')
+        if not 0 < int(pid) < 2 ** 31 or not token:
+            return None
+    except ValueError:
         return None
     return writer, batch, host
 
 
-def _commit_marker(name):
-    """The commit marker of the batch of message ``name``."""
+def _claim_parts(claimed):
+    """``(name, host, pid, token)`` of a claim in cur/; None for a name
+    that is not one."""
+    try:
+        name, host, pid, token = claimed.split(',')
+        pid = int(pid)
+    except ValueError:
+        return None
+    if not 0 < pid < 2 ** 31 or not name or not host:
+        return None
+    return name, host, pid, token
+
+
+def _marker(name, suffix):
+    """The commit marker (``.prepared``, then ``.commit``) of the batch of
+    message ``name``."""
     writer, batch, host = _tmp_name_parts(name)
-    return f'{writer}_{batch}.{host}.commit'
+    return f'{writer}_{batch}.{host}{suffix}'
 
 
 def _unlink(path):
@@ -624,14 +901,14 @@ def _unlink(path):
 
 def _ctime(path, default):
     try:
-        return os.stat(path).st_ctime
+        return os.lstat(path).st_ctime
     except FileNotFoundError:
         return default
 
 
 def _mtime(path, default):
     try:
-        return os.stat(path).st_mtime
+        return os.lstat(path).st_mtime
     except FileNotFoundError:
         return default
 
