@@ -10,8 +10,9 @@ Faults, for the fault matrix (tests/test_faults.py): scripted replies
 (--mail-reply, --rcpt-reply, --data-command-reply, --data-reply,
 --starttls-reply), a connection dropped (--drop-at) or stalled (--stall,
 --stall-at) at a given point, a relay slow at DATA (--data-delay: each
-accepted message is recorded, then its reply waits).  --faults N applies them to the first N
-occasions only, then the sink behaves (--refuse is not counted).  A message
+accepted message is recorded, then its reply waits).  --faults N applies
+them to the first N occasions only, then the sink behaves (--refuse and
+--data-delay are not counted).  A message
 received in full but never answered (dropped or stalled "after-dot", the
 RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
 Like a real server, the sink closes the connection after any 421 reply.
