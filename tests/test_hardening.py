@@ -597,3 +597,33 @@ def test_an_area_of_another_owner_is_refused(tmp_path):
     with pytest.raises(QueueError, match='belongs to uid 65534'):
         Queue(queue.path)
     Queue(queue.path, writable=False).entries('failed')
+
+
+# -- 11. a long-running mailout process ------------------------------------------
+
+def test_process_daemon_memory_stays_flat():
+    """What ``mailout process`` keeps about the messages it handled stays
+    the same size from 10,000 to 100,000 events: counts, not a record of
+    each."""
+    import tracemalloc
+    import zope.event
+    from mailout.cli import _Tracker
+    from mailout.processor import MailDeferredEvent
+    from mailout.processor import MailSentEvent
+
+    def notify(count):
+        for i in range(count):
+            about = (f'{i}.x@example.org', FROM, ('ann@example.org',),
+                     'default', f'{i}.queue-name')
+            zope.event.notify(MailDeferredEvent(*about, (451, 'later'))
+                              if i % 10 == 0 else MailSentEvent(*about))
+    with _Tracker() as tracker:
+        tracemalloc.start()
+        notify(10000)
+        before = tracemalloc.get_traced_memory()[0]
+        notify(90000)
+        growth = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    assert tracker.counts() == {'sent': 90000, 'deferred': 10000,
+                                'failed': 0}
+    assert growth < 64 * 1024, f'{growth} bytes for 90,000 more events'

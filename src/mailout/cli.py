@@ -7,6 +7,7 @@ for people unless ``--json`` is given; errors go to stderr.
 """
 import argparse
 import asyncio
+import collections
 import dataclasses
 import email.message
 import email.parser
@@ -340,14 +341,17 @@ def _relative(when, now):
 # -- process ----------------------------------------------------------------------
 
 class _Tracker:
-    """Counts what the processors did, from mailout's events, by delivery
-    and queue file."""
+    """Counts what the processors did, from mailout's events, by delivery;
+    keeps a record of the events of the kinds in ``keep`` only, so that a
+    daemon's memory stays flat."""
 
     KINDS = ('sent', 'deferred', 'failed')
 
-    def __init__(self, on_event=None):
+    def __init__(self, on_event=None, keep=()):
         self.records = []
         self.on_event = on_event
+        self.keep = keep
+        self._counts = collections.Counter()    # (delivery, kind) -> count
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -369,6 +373,10 @@ class _Tracker:
                 break
         else:
             return
+        with self._lock:
+            self._counts[event.delivery, kind] += 1
+        if not self.on_event and kind not in self.keep:
+            return
         reply = getattr(event, 'reply', None)
         record = {'event': kind, 'delivery': event.delivery,
                   'id': event.queue_id,
@@ -376,16 +384,16 @@ class _Tracker:
                   'to': list(event.toaddrs),
                   'reply': None if reply is None else _reply(reply)}
         with self._lock:
-            self.records.append(record)
+            if kind in self.keep:
+                self.records.append(record)
             if self.on_event is not None:
                 self.on_event(record)
 
     def counts(self, delivery=None):
         with self._lock:
-            records = [r for r in self.records
-                       if delivery in (None, r['delivery'])]
-        return {kind: sum(r['event'] == kind for r in records)
-                for kind in self.KINDS}
+            return {kind: sum(n for (d, k), n in self._counts.items()
+                              if k == kind and delivery in (None, d))
+                    for kind in self.KINDS}
 
 
 def _reply(reply):
@@ -422,7 +430,7 @@ def run_process(args):
 
 def _process_once(args, source, processors):
     results = []
-    with _Tracker() as tracker:
+    with _Tracker(keep=('deferred', 'failed')) as tracker:
         for name, delivery, processor in processors:
             handled = processor.run_once()
             status = delivery.queue.status()
@@ -988,7 +996,7 @@ def run_send(args):
         return _send_report(args, result)
 
     result['path'] = delivery.queue.path
-    with _Tracker() as tracker:
+    with _Tracker(keep=_Tracker.KINDS) as tracker:
         processor.run_once()
     mine = [r for r in tracker.records
             if r['message_id'] == result['message_id']]
