@@ -5,6 +5,7 @@ import pytest
 
 import mailout
 from mailout.message import prepare
+from mailout.message import printable
 
 
 def msg(text):
@@ -218,3 +219,23 @@ def test_send_message_needs_a_sender():
     m['To'] = 'b@x.org'
     with pytest.raises(mailout.InvalidSender, match='pass fromaddr'):
         mailout.send_message(m)
+
+
+# -- printable (issue 9, item 18) ---------------------------------------------
+
+@pytest.mark.parametrize('text, shown', [
+    ('ann@example.org', 'ann@example.org'),
+    ('josé@exämple.org 用户', 'josé@exämple.org 用户'),
+    ('"a\x1b[2Jb"@x.org', r'"a\x1b[2Jb"@x.org'),
+    ('a\x7f\x08\tb\r\n', r'a\x7f\x08\tb\r\n'),
+    ('a\x85\x9bb', r'a\x85\x9bb'),
+    ('a\u2028\u2029b', r'a\u2028\u2029b'),
+    ('evil\u202egpj.exe', r'evil\u202egpj.exe'),
+    ('zero\u200bwidth\ufeff', r'zero\u200bwidth\ufeff'),
+    ('no\xa0break', r'no\xa0break'),
+    ('lone \udc80', r'lone \udc80'),
+])
+def test_printable_escapes_what_a_terminal_would_act_on(text, shown):
+    """Controls (C0, C1, DEL), format characters, separators and lone
+    surrogates are escaped as repr escapes them; the rest is kept."""
+    assert printable(text) == shown

@@ -91,6 +91,17 @@ def recipients_from_headers(msg):
     return _addresses(msg, 'To', 'Cc', 'Bcc')
 
 
+def printable(text):
+    """``text`` with every character a terminal or log reader could act on
+    or not see (controls, DEL, format characters such as bidi overrides,
+    line and paragraph separators, non-ASCII spaces) escaped as ``repr``
+    escapes it; printable text, non-ASCII letters included, is kept."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def check_address(address, error, role, smtputf8=False):
     """Return ``address`` as a bare addr-spec or raise ``error``."""
     if isinstance(address, bytes):
