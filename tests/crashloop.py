@@ -6,7 +6,8 @@ options); tests/test_crash.py runs a shorter loop.
 
 Each iteration starts a real child process (``crashloop.py --child``) that
 builds mailout from a config file (a queued delivery with its processor on,
-so the child both commits and delivers) and runs random transactions of 1-5
+1 or 8 sender threads, so the child both commits and delivers, its threads
+woken together by each commit) and runs random transactions of 1-5
 messages: most commit, some abort, some fail in the vote of another resource
 manager (before or after mailout's vote), some roll a savepoint back past
 some of their messages.  It reports on stdout, one flushed line each::
@@ -28,7 +29,9 @@ the next child, which may be killed in turn.
 
 The sink (``crashloop.py --sink``) is a small aiosmtpd server of its own: it
 records each accepted message (Message-Id and recipients) before it
-replies, sometimes delays the reply by up to 20 ms (to widen that window),
+replies, is slow at DATA (each reply to the final dot waits
+``--data-delay-ms``, 10 ms by default, and sometimes up to 20 ms more: all
+8 threads of a child are mostly inside that window when it is killed),
 refuses ``flaky@`` recipients with 451 now and then (partial deferral) and
 sometimes answers 451 after DATA (whole deferral).
 
@@ -41,7 +44,9 @@ recipient:
 * the messages of the commit the child was in when killed arrived at most
   once (or not at all);
 * a message arrived more than once only if it was in flight (claimed by a
-  killed process) that many times; those duplicates are counted apart.
+  killed process) that many times; those duplicates are counted apart;
+* a killed child held at most one claim a sender thread;
+* after each drain by the harness nothing is left in the queue (stuck).
 """
 import argparse
 import collections
@@ -70,10 +75,11 @@ _MESSAGE_ID = re.compile(rb'^Message-Id:\s*<([^>]+)>', re.I | re.M)
 
 # -- the sink -----------------------------------------------------------------
 
-def sink_main(records_path, seed):
+def sink_main(records_path, seed, data_delay=0.0):
     """An SMTP server on 127.0.0.1 (ephemeral port, printed on stdout) that
     appends one JSON line per accepted message to ``records_path`` before
-    it replies; exits when stdin closes."""
+    it replies, ``data_delay`` seconds or more later; exits when stdin
+    closes."""
     import asyncio
 
     from aiosmtpd.smtp import SMTP
@@ -101,9 +107,13 @@ def sink_main(records_path, seed):
                 'id': match.group(1).decode() if match else None,
                 'rcpt': envelope.rcpt_tos}) + '\n')
             records.flush()
-            if not sync and rng.random() < 0.3:
-                # Accepted but not yet confirmed: RFC 1047's window.
-                await asyncio.sleep(rng.uniform(0, 0.02))
+            if not sync:
+                # Accepted but not yet confirmed: RFC 1047's window, as long
+                # as the relay is slow at DATA.
+                delay = data_delay
+                if rng.random() < 0.3:
+                    delay += rng.uniform(0, 0.02)
+                await asyncio.sleep(delay)
             return '250 OK accepted'
 
     sock = tcp_listener()
@@ -121,12 +131,12 @@ def sink_main(records_path, seed):
 class SinkProcess:
     """The sink process, and the records it wrote so far."""
 
-    def __init__(self, directory, seed):
+    def __init__(self, directory, seed, data_delay=0.0):
         self.records_path = os.path.join(directory, 'received.jsonl')
         open(self.records_path, 'w').close()
         self.process = subprocess.Popen(
             [sys.executable, HERE, '--sink', self.records_path,
-             '--seed', str(seed)],
+             '--seed', str(seed), '--data-delay-ms', str(data_delay * 1000)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if not line:
@@ -334,6 +344,7 @@ class Summary:
     recovered_by: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)
     claims_in_flight: int = 0       # claims held by killed children
+    most_claims_at_a_kill: int = 0  # by one child
     recipients_in_flight: int = 0   # their recipients
     tmp_files_at_kill: int = 0      # voted, not finished when killed
     rewrites_at_kill: int = 0       # killed while rewriting a claim
@@ -346,6 +357,7 @@ class Summary:
     recipient_copies: int = 0       # (message, recipient) arrivals in all
     duplicates_in_flight: int = 0   # extra copies of in-flight recipients
     duplicates_other: int = 0
+    stuck: int = 0                  # files left after the last drain
     child_errors: int = 0
     failures: list = dataclasses.field(default_factory=list)
 
@@ -368,7 +380,8 @@ class Summary:
             'savepoint rollback',
             f'  kills landed: {k}',
             f'  at the kill: {self.claims_in_flight} claims in flight in cur/'
-            f' ({self.recipients_in_flight} recipients), '
+            f' ({self.recipients_in_flight} recipients; at most '
+            f'{self.most_claims_at_a_kill} in one child), '
             f'{self.tmp_files_at_kill} voted files in tmp/, '
             f'{self.rewrites_at_kill} claim rewrites in tmp/',
             f'  recovery: {r}',
@@ -385,6 +398,7 @@ class Summary:
             f'  duplicates: {self.duplicates_in_flight} of messages in '
             'flight at a kill (RFC 1047 window, allowed), '
             f'{self.duplicates_other} other',
+            f'  stuck in the queue after the last drain: {self.stuck}',
             f'  child errors logged: {self.child_errors}',
             f'  failures: {len(self.failures)}' + (' (' + ', '.join(
                 f'{n} {kind}' for kind, n in self.failure_kinds.items())
@@ -416,11 +430,13 @@ CONFIG = '''<mailout>
 class CrashLoop:
 
     def __init__(self, directory, seed, max_delay=0.06, harness_share=0.7,
-                 verbose=False):
+                 verbose=False, connections=8, data_delay=0.01):
         self.directory = directory
         self.seed = seed
         self.rng = random.Random(seed)
         self.max_delay = max_delay
+        self.connections = connections      # sender threads of a child
+        self.data_delay = data_delay        # the sink's at the final dot
         self.harness_share = harness_share
         self.verbose = verbose
         self.queue_path = os.path.join(directory, 'queue')
@@ -434,13 +450,16 @@ class CrashLoop:
 
     def run(self, iterations):
         started = time.monotonic()
-        self.sink = SinkProcess(self.directory, self.seed)
+        self.sink = SinkProcess(self.directory, self.seed, self.data_delay)
         try:
-            self.configs = [self._write_config(n) for n in (1, 2)]
+            # A child has 1 or self.connections sender threads; the first
+            # config serves the harness's own drain (one thread).
+            self.configs = {self._write_config(n): n
+                            for n in (1, self.connections)}
             from mailout import config
             from mailout import factories
             _, deliveries = factories.build_all(
-                config.load(self.configs[0]))
+                config.load(next(iter(self.configs))))
             self.delivery = deliveries['crash']
             self.queue = self.delivery.queue
             self.processor = self.delivery.processor
@@ -465,8 +484,9 @@ class CrashLoop:
 
     def iteration(self, n, last=False):
         stderr_path = os.path.join(self.directory, 'child-stderr.txt')
+        config_path = self.rng.choice(list(self.configs))
         with open(stderr_path, 'wb') as stderr:
-            child = ChildProcess(self.rng.choice(self.configs), n,
+            child = ChildProcess(config_path, n,
                                  self.rng.randrange(1 << 32), stderr)
         if not child.wait_for('ready', timeout=30):
             returncode, lines = child.kill()
@@ -492,7 +512,8 @@ class CrashLoop:
             self.fail(f'child: iteration {n}: the child logged an error: '
                       f'{errors[-2000:]}')
         self._absorb(lines)
-        self._look_at_queue_after_kill(child.pid)
+        self._look_at_queue_after_kill(child.pid, n,
+                                       self.configs[config_path])
         if last or self.rng.random() < self.harness_share:
             self.summary.recovered_by['the harness'] += 1
             self.drain()
@@ -535,9 +556,11 @@ class CrashLoop:
             'doomed': 'in a refused commit', 'rollback': 'in a rollback',
             'idle': 'while idle (processor working)'}[last]] += 1
 
-    def _look_at_queue_after_kill(self, pid):
+    def _look_at_queue_after_kill(self, pid, n, threads):
         """Allow one more copy of each recipient the dead child held a
-        claim for; count its unfinished writes."""
+        claim for (one claim at most for each of its ``threads``); count
+        its unfinished writes."""
+        held = 0
         for name in os.listdir(os.path.join(self.queue_path, 'cur')):
             parts = name.split(',')
             if len(parts) != 4 or parts[2] != str(pid):
@@ -547,10 +570,17 @@ class CrashLoop:
                     os.path.join(self.queue_path, 'cur', name))
             except FileNotFoundError:
                 continue
+            held += 1
             self.summary.claims_in_flight += 1
             for to in toaddrs:
                 self.allowed[mid, to] += 1
                 self.summary.recipients_in_flight += 1
+        self.summary.most_claims_at_a_kill = max(
+            self.summary.most_claims_at_a_kill, held)
+        if held > threads:
+            self.fail(f'claims: iteration {n}: the killed child held {held} '
+                      f'claims with {threads} sender thread(s)',
+                      key=('claims', n))
         for name in os.listdir(os.path.join(self.queue_path, 'tmp')):
             if name.endswith('.rewrite'):
                 if name.split(',')[2:3] == [str(pid)]:
@@ -583,6 +613,8 @@ class CrashLoop:
         if q.count('tmp'):
             self.fail(f'queue: tmp/ not cleaned by recovery: '
                       f'{os.listdir(os.path.join(q.path, "tmp"))[:5]}')
+        self.summary.stuck = sum(q.count(area) for area in (
+            'new', 'cur', 'deferred', 'failed', 'tmp'))
 
     def check(self, final):
         """Compare what arrived with what the children said.  Only after a
@@ -713,6 +745,11 @@ def main(argv=None):
     parser.add_argument('--seed', type=int)
     parser.add_argument('--max-delay-ms', type=float, default=60,
                         help='longest random delay before the kill')
+    parser.add_argument('--connections', type=int, default=8,
+                        help='sender threads of a child (or 1, at random)')
+    parser.add_argument('--data-delay-ms', type=float, default=10,
+                        help='how long the sink takes to answer the final '
+                             'dot (slow at DATA)')
     parser.add_argument('--dir', help='work here and keep the files')
     parser.add_argument('-v', '--verbose', action='store_true')
     parser.add_argument('--sink', metavar='RECORDS', help=argparse.SUPPRESS)
@@ -720,7 +757,7 @@ def main(argv=None):
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
-        return sink_main(args.sink, args.seed)
+        return sink_main(args.sink, args.seed, args.data_delay_ms / 1000)
     if args.child:
         return child_main(args.child[0], int(args.child[1]), args.seed)
     import logging
@@ -728,7 +765,9 @@ def main(argv=None):
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
     summary = run(args.iterations, args.seed, args.dir, args.verbose,
-                  max_delay=args.max_delay_ms / 1000)
+                  max_delay=args.max_delay_ms / 1000,
+                  connections=args.connections,
+                  data_delay=args.data_delay_ms / 1000)
     print(summary.text())
     return 1 if summary.failures else 0
 
