@@ -5,6 +5,11 @@ refused, ``{address: (code, text)}``, and raises `TransientDeliveryError` or
 `PermanentDeliveryError` when the message as a whole was not taken.  Each
 thread keeps its own connection open across messages; ``close()`` ends the
 calling thread's connection.
+
+Every reply must arrive in full within the mailer's ``timeout`` of its
+command having been sent (the greeting: of the connection being made) and
+be at most `MAX_REPLY_SIZE` bytes; a relay that stalls, trickles or does
+not stop replying is rested like one that timed out.
 """
 import functools
 import itertools
@@ -24,6 +29,11 @@ from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 
 log = logging.getLogger(__name__)
+
+#: The longest reply taken, in bytes.  RFC 5321 allows 512 a line; real
+#: multi-line replies (the extensions after EHLO, an explained refusal)
+#: stay within a few KB.  smtplib limits each line, not their number.
+MAX_REPLY_SIZE = 64 * 1024
 
 
 def delivery_error(code, text):
@@ -239,12 +249,11 @@ class SMTPMailer(Mailer):
         context = self._tls_context if s.tls != 'none' else None
         local_hostname = s.local_hostname or _fqdn()
         if s.tls == 'ssl':
-            connection = smtplib.SMTP_SSL(
-                host, port, local_hostname=local_hostname,
-                timeout=s.timeout, context=context)
+            connection = _SMTP_SSL(host, port, local_hostname=local_hostname,
+                                   timeout=s.timeout, context=context)
         else:
-            connection = smtplib.SMTP(host, port, local_hostname=local_hostname,
-                                      timeout=s.timeout)
+            connection = _SMTP(host, port, local_hostname=local_hostname,
+                               timeout=s.timeout)
         try:
             connection.ehlo_or_helo_if_needed()
             encrypted = s.tls == 'ssl'
@@ -320,6 +329,115 @@ def _describe(error):
         else type(error).__name__
 
 
+class RelayStalled(socket.timeout):
+    """The relay did not complete a reply: not within the timeout (it
+    stalled or trickled), or not within `MAX_REPLY_SIZE` bytes.  A timeout,
+    so the relay rests for down-time."""
+
+
+class _Bounded:
+    """What our connections change in smtplib's: each reply bounded in time
+    and size, and a timeout called one.
+
+    smtplib waits up to ``timeout`` for each read, so a relay that sends a
+    line now and then holds the connection for ever; it keeps every line of
+    a reply however many come, and reports a read or send that timed out as
+    SMTPServerDisconnected, which is no reason to rest a relay.
+    """
+
+    def getreply(self):
+        if self.file is None:   # smtplib resets it for a new socket or TLS
+            self.file = _ReplyReader(self.sock, self.timeout)
+        try:
+            code, lines = self.file.reply()
+        except BaseException:
+            self.close()        # as smtplib does: the replies are out of step
+            raise
+        return code, b'\n'.join(line[4:].strip(b' \t\r\n') for line in lines)
+
+    def send(self, s):
+        try:
+            super().send(s)
+        except smtplib.SMTPServerDisconnected as e:
+            if isinstance(e.__context__, socket.timeout):
+                raise RelayStalled(f'timed out: sending took over '
+                                   f'{self.timeout:g}s') from None
+            raise
+
+
+class _ReplyReader:
+    """The replies coming over one socket, each complete within ``timeout``
+    and `MAX_REPLY_SIZE` bytes."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.buffer = bytearray()
+
+    def reply(self):
+        """``(code, lines)`` of the next reply; code -1 if it has none."""
+        deadline = time.monotonic() + self.timeout
+        lines, size = [], 0
+        while True:
+            line = self._readline(deadline, MAX_REPLY_SIZE - size)
+            lines.append(line)
+            size += len(line)
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+                break
+            if line[3:4] != b'-':
+                break
+        self.sock.settimeout(self.timeout)      # for sending and TLS
+        return code, lines
+
+    def _readline(self, deadline, limit):
+        while True:
+            end = self.buffer.find(b'\n', 0, limit) + 1
+            if end:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end]
+                return line
+            if len(self.buffer) >= limit:
+                raise RelayStalled(f'reply longer than '
+                                   f'{MAX_REPLY_SIZE // 1024} KiB, cut off')
+            self.buffer += self._receive(deadline)
+
+    def _receive(self, deadline):
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(8192)
+        except socket.timeout:
+            raise RelayStalled(f'timed out: no complete reply within '
+                               f'{self.timeout:g}s') from None
+        except OSError as e:
+            raise smtplib.SMTPServerDisconnected(
+                f'Connection unexpectedly closed: {e}') from None
+        if not data:
+            raise smtplib.SMTPServerDisconnected(
+                'Connection unexpectedly closed')
+        return data
+
+    def close(self):
+        pass                    # the socket is smtplib's to close
+
+
+class _SMTP(_Bounded, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_Bounded, smtplib.SMTP_SSL):
+    pass
+
+
+class _LMTP(_Bounded, smtplib.LMTP):
+    pass
+
+
 class LMTPMailer(SMTPMailer):
     """Hand messages to an LMTP server (RFC 2033), such as Mailman 3's LMTP
     runner, over TCP or a unix socket.  The server answers the final dot
@@ -330,9 +448,9 @@ class LMTPMailer(SMTPMailer):
 
     def _open(self, host, port):
         # smtplib.LMTP takes a path starting with "/" as a unix socket.
-        connection = smtplib.LMTP(host, port or 0,
-                                  local_hostname=self.settings.local_hostname
-                                  or _fqdn(), timeout=self.settings.timeout)
+        connection = _LMTP(host, port or 0,
+                           local_hostname=self.settings.local_hostname
+                           or _fqdn(), timeout=self.settings.timeout)
         try:
             connection.ehlo_or_helo_if_needed()     # LHLO
         except BaseException:
