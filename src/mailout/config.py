@@ -3,6 +3,7 @@
 The datatypes turn sections into plain immutable settings objects; nothing
 here opens a connection or registers anything.
 """
+import contextlib
 import dataclasses
 import io
 import os
@@ -123,10 +124,18 @@ class SMTPMailerSettings:
         return tuple((host, port or default) for host, port in self.hosts)
 
     def read_password(self):
-        if self.password_file:
-            with open(self.password_file) as f:
-                return f.readline().rstrip('\r\n')
-        return self.password
+        """The password: ``password``, or the first line of
+        ``password-file`` taken as it is (UTF-8, no ``$`` substitution)."""
+        if not self.password_file:
+            return self.password
+        with open(self.password_file, 'rb') as f:
+            line = f.readline().rstrip(b'\r\n')
+        try:
+            return line.decode('utf-8')
+        except UnicodeDecodeError:
+            # Not its text: that quotes a byte of the secret.
+            raise ValueError(f'password-file {self.password_file} is not '
+                             'UTF-8 text') from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,14 +273,34 @@ def schema():
 
 def load(path):
     """Load a standalone mailout file; return its `MailoutSettings`."""
-    config, _ = ZConfig.loadConfig(schema(), path)
+    with _substitution_errors_hidden(path):
+        config, _ = ZConfig.loadConfig(schema(), path)
     return config.mailout
 
 
 def loads(text):
     """Load standalone mailout configuration from a string."""
-    config, _ = ZConfig.loadConfigFile(schema(), io.StringIO(text))
+    with _substitution_errors_hidden('configuration text'):
+        config, _ = ZConfig.loadConfigFile(schema(), io.StringIO(text))
     return config.mailout
+
+
+@contextlib.contextmanager
+def _substitution_errors_hidden(source):
+    """ZConfig substitutes ``$NAME``, ``${NAME}`` and ``$(ENV)`` in every
+    value, a password's too, and its errors quote what follows the ``$``: a
+    piece of the secret.  Say where and how to write a ``$`` instead."""
+    try:
+        yield
+    except (ZConfig.SubstitutionReplacementError,
+            ZConfig.SubstitutionSyntaxError) as e:
+        where = getattr(e, 'url', None) or source
+        if getattr(e, 'lineno', None):
+            where += f', line {e.lineno}'
+        raise ZConfig.ConfigurationError(
+            f"{where}: a '$' that is no substitution ZConfig can make; write "
+            "'$$' for a '$' (in a password too; the value is not shown, as "
+            'it may be secret)') from None
 
 
 def find(config=None):
@@ -375,7 +404,8 @@ def _load_zope_conf(path):
             "of the instance's environment, or name a standalone mailout "
             'file') from None
     # Parsing only: no handleWSGIConfig, nothing installed in App.config.
-    root = ZopeWSGIOptions(configfile=path)().configroot
+    with _substitution_errors_hidden(path):
+        root = ZopeWSGIOptions(configfile=path)().configroot
     sections = _sections(getattr(root, 'product_config', None) or {})
     found = _from_product_config(path, sections)
     if found:

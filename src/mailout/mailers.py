@@ -11,13 +11,16 @@ command having been sent (the greeting: of the connection being made) and
 be at most `MAX_REPLY_SIZE` bytes; a relay that stalls, trickles or does
 not stop replying is rested like one that timed out.
 """
+import base64
 import functools
+import hmac
 import itertools
 import logging
 import os
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -83,6 +86,10 @@ class SMTPMailer(Mailer):
         self._down = {}             # relay -> (monotonic time up again, why)
         self._down_lock = threading.Lock()
         os.register_at_fork(after_in_child=self._after_fork)
+        # An LMTP mailer's settings have no password.
+        password_file = getattr(settings, 'password_file', None)
+        if password_file:
+            _warn_if_exposed(password_file)
 
     def _after_fork(self):
         # A forked child must not talk over its parent's connections (the
@@ -222,7 +229,9 @@ class SMTPMailer(Mailer):
             return self._open(host, port)
         except smtplib.SMTPAuthenticationError as e:
             reason = f'AUTH failed: {e.smtp_code} {_text(e.smtp_error)}'
-        except (smtplib.SMTPException, OSError) as e:
+        except (smtplib.SMTPException, OSError, ValueError) as e:
+            # ValueError: a password file that is not UTF-8, a malformed
+            # AUTH challenge.
             reason = _describe(e)
         raise TransientDeliveryError((None, reason))
 
@@ -288,6 +297,17 @@ class SMTPMailer(Mailer):
         return context
 
 
+def _warn_if_exposed(path):
+    # As ssh does for a private key: other users have no business there.
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return                  # reading it when connecting will say why
+    if mode & 0o077:
+        log.warning('password-file %s is open to group or others (mode '
+                    '0%o): chmod 600 it', path, mode)
+
+
 def _address(relay):
     return '%s:%s' % relay
 
@@ -335,9 +355,13 @@ class RelayStalled(socket.timeout):
     so the relay rests for down-time."""
 
 
+#: AUTH challenges answered before giving up (smtplib's limit).
+MAX_CHALLENGES = 5
+
+
 class _Bounded:
     """What our connections change in smtplib's: each reply bounded in time
-    and size, and a timeout called one.
+    and size, a timeout called one, and credentials sent as UTF-8.
 
     smtplib waits up to ``timeout`` for each read, so a relay that sends a
     line now and then holds the connection for ever; it keeps every line of
@@ -363,6 +387,34 @@ class _Bounded:
                 raise RelayStalled(f'timed out: sending took over '
                                    f'{self.timeout:g}s') from None
             raise
+
+    def auth(self, mechanism, authobject, *, initial_response_ok=True):
+        # smtplib's, but RFC 4954 credentials are UTF-8: smtplib encodes them
+        # as ASCII, and its UnicodeEncodeError quotes the password.
+        def encoded(response):
+            return base64.b64encode(response.encode('utf-8')).decode('ascii')
+        mechanism = mechanism.upper()
+        response = authobject() if initial_response_ok else None
+        if response is None:
+            self._auth_challenge_count = 0
+            code, reply = self.docmd('AUTH', mechanism)
+        else:
+            self._auth_challenge_count = 1
+            code, reply = self.docmd('AUTH',
+                                     f'{mechanism} {encoded(response)}')
+        while code == 334 and self._auth_challenge_count <= MAX_CHALLENGES:
+            self._auth_challenge_count += 1
+            code, reply = self.docmd(encoded(
+                authobject(base64.decodebytes(reply))))
+        if code in (235, 503):
+            return code, reply
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+    def auth_cram_md5(self, challenge=None):
+        if challenge is None:       # CRAM-MD5 has no initial response
+            return None
+        digest = hmac.HMAC(self.password.encode('utf-8'), challenge, 'md5')
+        return f'{self.user} {digest.hexdigest()}'
 
 
 class _ReplyReader:
