@@ -3,6 +3,7 @@ the documented normalisation (CRLF line endings, Message-Id and Date added
 when missing, Bcc removed)."""
 import re
 
+import pytest
 import transaction
 from hypothesis import HealthCheck
 from hypothesis import assume
@@ -12,6 +13,9 @@ from hypothesis import strategies as st
 
 from helpers import direct_delivery
 from mailout.interfaces import MessageError
+from mailout.interfaces import MessageTooLarge
+from mailout.message import normalise_line_endings
+from mailout.message import prepare
 
 header_names = st.from_regex(r'\A[A-Za-z][A-Za-z0-9-]{0,15}\Z') | \
     st.sampled_from(['Bcc', 'BCC', 'Message-Id', 'Date', 'Subject', 'To'])
@@ -57,3 +61,34 @@ def test_accepted_message_arrives_unchanged(_session_sink, tmp_path,
     added = received['data'][:-len(expected)].decode()
     assert re.fullmatch(r'(Message-Id: <[^>]+>\r\n)?(Date: [^\r]+\r\n)?',
                         added)
+
+
+line_pieces = st.lists(st.sampled_from(
+    ['\r', '\n', '\r\n', 'x', ' ', 'Bcc: a@x.org', 'bcc:', 'Resent-Bcc: b',
+     'Subject: s', 'Message-Id: <a@x>', 'Date: d', ':']), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=line_pieces)
+def test_normalising_is_the_line_ending_regex(pieces):
+    """Replacing whole buffers gives what the per-line-ending regex gave."""
+    data = ''.join(pieces).encode()
+    assert normalise_line_endings(data) == \
+        re.sub(rb'\r\n|\r|\n', b'\r\n', data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=line_pieces, as_bytes=st.booleans())
+def test_sizing_before_parsing_never_refuses_what_fits(pieces, as_bytes):
+    """The size checked before parsing is a lower bound of the prepared
+    size: a message exactly at the limit passes, one byte over does not."""
+    text = ''.join(pieces)
+    message = text.encode() if as_bytes else text
+    try:
+        size = len(prepare('a@x.org', ['b@x.org'], message).message)
+    except MessageError:
+        assume(False)
+    assert len(prepare('a@x.org', ['b@x.org'], message,
+                       max_size=size).message) == size
+    with pytest.raises(MessageTooLarge):
+        prepare('a@x.org', ['b@x.org'], message, max_size=size - 1)
