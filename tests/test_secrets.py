@@ -21,6 +21,9 @@ from mailout import config
 from mailout import mailers
 from mailout.message import prepare
 from mailout.processor import Processor
+from test_zope import instance  # noqa: F401 (fixtures)
+from test_zope import template  # noqa: F401
+from test_zope import write_zope_conf
 
 USER = 'zöpe'
 PASSWORD = 'Grüße-€-Zq7xWv'
@@ -164,6 +167,25 @@ def test_dollar_in_password_through_check(tmp_path):
     error = json.loads(result.stdout)['config']['error']
     assert 'line 5' in error and "'$$'" in error
     assert_no_part_of('k9$Qz7Wv', result.stdout, result.stderr)
+
+
+def test_dollar_in_password_in_zope_conf(instance):
+    """The same for a password in a zope.conf that `mailout check` reads
+    with Zope's schema."""
+    conf = write_zope_conf(instance, '''
+<mailout mailout>
+  <smtp-mailer relay>
+    username zope
+    password k9${Qz7Wv
+  </smtp-mailer>
+</mailout>
+''')
+    result = subprocess.run([SCRIPT, 'check', '-C', conf],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f'configuration FAILED: {conf}: ' in result.stdout
+    assert "'$$'" in result.stdout
+    assert_no_part_of('k9${Qz7Wv', result.stdout, result.stderr)
 
 
 def test_dollar_elsewhere_names_the_line(tmp_path):
