@@ -294,7 +294,7 @@ def _substitution_errors_hidden(source):
         yield
     except (ZConfig.SubstitutionReplacementError,
             ZConfig.SubstitutionSyntaxError) as e:
-        where = getattr(e, 'url', None) or source
+        where = (getattr(e, 'url', None) or source).removeprefix('file://')
         if getattr(e, 'lineno', None):
             where += f', line {e.lineno}'
         raise ZConfig.ConfigurationError(
