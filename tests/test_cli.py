@@ -761,3 +761,86 @@ def test_zope_conf_without_zope(instance, sink):  # noqa: F811
     assert result.returncode == 1
     assert 'is a Zope zope.conf, but Zope cannot be imported' \
         in result.stderr
+
+
+# -- hostile text in what the command prints (issue 9, items 18 and 20) --------
+
+@pytest.mark.parametrize('option, value', [
+    ('--subject', 'hi\r\nBcc: victim@example.org'),
+    ('--subject', 'hi\rBcc: victim@example.org'),
+    ('--from', 'ops@example.org\r\nBcc: victim@example.org'),
+    ('--to', 'ann@example.org\nBcc: victim@example.org'),
+])
+def test_send_line_break_in_an_option_is_a_usage_error(config_file, sink,
+                                                       option, value):
+    """CR or LF in --subject, --from or --to: one clear line on stderr,
+    exit 2, nothing sent (it was a traceback)."""
+    options = {'--from': 'ops@example.org', '--to': 'ann@example.org',
+               '--subject': 'hi', option: value}
+    result = mailout('send', '-C', config_file,
+                     *[word for pair in options.items() for word in pair])
+    assert result.returncode == 2, result.stderr
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert f'error: {option} ' in result.stderr
+    assert 'line break' in result.stderr
+    assert sink.messages() == []
+
+
+HOSTILE = ('\x1b', '\x07', '\x9b', '\x85', '\u202e', '\u2028', '\x7f')
+
+
+def plant(tmp_path, area, envelope, message):
+    """A queue file with the given envelope lines, as an older version or
+    another program might have left it."""
+    Queue.open(str(tmp_path / 'queue'))
+    name = f'{time.time_ns()}.planted_1_1.host'
+    data = ''.join(line + '\r\n' for line in envelope) + '\r\n' + message
+    fd = os.open(tmp_path / 'queue' / area / name,
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, data.encode())
+    os.close(fd)
+    return name
+
+
+def test_queue_output_escapes_control_and_format_characters(tmp_path, sink):
+    """Addresses, attempts and headers from a queue file are printed with
+    controls, bidi overrides and separators escaped: never raw to a
+    terminal, in text or JSON."""
+    conf = queue_config(tmp_path, sink.port)
+    name = plant(
+        tmp_path, 'deferred',
+        ['X-Mailout-From: a\x1b[2J@x.org',
+         'X-Mailout-To: "b\x1b]0;owned\x07"@x.org',
+         'X-Mailout-To: c\u202egpj.exe@x.org',
+         'X-Mailout-Attempt: 2026-01-01T00:00:00Z 451 \x9b31mlater\x85'],
+        'Subject: \x1b[31mred\x7f\r\nX-Line: a\u2028b\r\n\r\nbody\r\n')
+    outputs = {}
+    for args in (['queue', 'list'], ['queue', 'show', name],
+                 ['queue', 'status']):
+        result = mailout(*args, '-C', conf)
+        assert result.returncode == 0, result.stderr
+        outputs[' '.join(args[:2])] = result.stdout
+        result = mailout(*args, '-C', conf, '--json')
+        assert result.returncode == 0, result.stderr
+        outputs[' '.join(args[:2]) + ' --json'] = result.stdout
+    for command, output in outputs.items():
+        shown = [c for c in HOSTILE if c in output]
+        assert not shown, (command, shown, output)
+    assert r'a\x1b[2J@x.org' in outputs['queue list']
+    assert r'c\u202egpj.exe@x.org' in outputs['queue show']
+    assert r'Subject: \x1b[31mred\x7f' in outputs['queue show']
+    assert r'451 \x9b31mlater\x85' in outputs['queue status']
+    data = json.loads(outputs['queue show --json'])
+    assert data['copies'][0]['from'] == 'a\x1b[2J@x.org'   # exact for scripts
+
+
+def test_send_report_escapes_the_relay_reply(tmp_path, start_sink):
+    """A relay's reply is printed with its control characters escaped."""
+    sink = start_sink('--refuse', 'bad@example.org=550 5.1.1 \x1b[2Jgone\x07')
+    conf = queue_config(tmp_path, sink.port)
+    result = mailout('send', '-C', conf, '--from', 'ops@example.org',
+                     '--to', 'bad@example.org')
+    assert result.returncode == 1, result.stderr
+    assert r'\x1b[2Jgone' in result.stdout
+    assert not [c for c in HOSTILE if c in result.stdout], result.stdout

@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from mailout.message import printable
+
 #: Exit codes.
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -311,7 +313,10 @@ def _open_queue(path, writable=False):
 
 
 def _print_json(data):
-    print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
+    # ASCII only: every other character \u-escaped, so that no control, bidi
+    # override or separator from a queue file or a relay reaches a terminal
+    # raw; a JSON reader gets the exact text back.
+    print(json.dumps(data, indent=2), flush=True)
 
 
 def _stamp(seconds):
@@ -549,7 +554,7 @@ def run_queue_status(args):
             print(f"  failed       {status['failed']}")
             oldest = status['oldest_age']
             print(f"  oldest       {_age(oldest) if oldest is not None else '-'}")
-            print(f"  last error   {status['last_error'] or '-'}")
+            print(f"  last error   {printable(status['last_error'] or '-')}")
     if args.json:
         _print_json({'ok': True, 'config': source, 'queues': result})
     return OK
@@ -582,16 +587,17 @@ AREA_NAMES = {'new': 'waiting', 'cur': 'in progress',
 
 def _entry_line(entry, now):
     age = '' if entry.queued_at is None else f'  {_age(now - entry.queued_at)}'
-    head = f'  {entry.name}  {AREA_NAMES[entry.area]}{age}'
+    head = f'  {printable(entry.name)}  {AREA_NAMES[entry.area]}{age}'
     if entry.fromaddr is None:
-        return f'{head}\n      unreadable: {entry.error}'
-    line = (f"{head}  {entry.fromaddr} -> {', '.join(entry.toaddrs)}"
+        return f'{head}\n      unreadable: {printable(entry.error)}'
+    line = (f"{head}  {printable(entry.fromaddr)} -> "
+            f"{printable(', '.join(entry.toaddrs))}"
             f"  ({_n(len(entry.attempts), 'attempt')})")
     details = []
     if entry.area == 'deferred':
         details.append(f'next attempt {_relative(entry.mtime, now)}')
     if entry.attempts:
-        details.append(f'last: {entry.attempts[-1]}')
+        details.append(f'last: {printable(entry.attempts[-1])}')
     return line + (f"\n      {'; '.join(details)}" if details else '')
 
 
@@ -634,8 +640,9 @@ def _find(queues, wanted):
         raise CommandError(FAILED, f'no message {wanted!r} in '
                            + ', '.join(path for _, path, _ in queues))
     if len(matches) > 1:
+        shown = printable(', '.join(m[2] for m in matches[:5]))
         raise CommandError(USAGE, f'{wanted!r} matches {len(matches)} '
-                           'messages: ' + ', '.join(m[2] for m in matches[:5])
+                           f'messages: {shown}'
                            + (', ...' if len(matches) > 5 else ''))
     return matches[0]
 
@@ -656,13 +663,13 @@ def run_queue_show(args):
         _print_json({'ok': True, 'deliveries': names, 'path': queue.path,
                      'id': name, 'copies': copies})
         return OK
-    print(f'id        {name}')
+    print(f'id        {printable(name)}')
     print(f"queue     {', '.join(names)}  {queue.path}")
     first = copies[0]
     if first['queued_at']:
         print(f"queued    {first['queued_at']} ({_age(first['age'])} ago)")
     for data in copies:
-        print(f"\n{AREA_NAMES[data['area']]}  ({data['file']}, "
+        print(f"\n{AREA_NAMES[data['area']]}  ({printable(data['file'])}, "
               f"{data['size']} bytes)")
         if data.get('next_attempt'):
             print(f"  next attempt  {data['next_attempt']}")
@@ -670,19 +677,19 @@ def run_queue_show(args):
             print(f"  failed at     {data['failed_at']}")
         if data.get('claimed_by'):
             c = data['claimed_by']
-            print(f"  claimed by    pid {c['pid']} on {c['host']}")
+            print(f"  claimed by    pid {c['pid']} on {printable(c['host'])}")
         if data['error']:
-            print(f"  error         {data['error']}")
+            print(f"  error         {printable(data['error'])}")
         if data['from'] is not None:
-            print(f"  from          {data['from']}")
+            print(f"  from          {printable(data['from'])}")
             for i, to in enumerate(data['to']):
-                print(f"  {'to' if not i else '':14}{to}")
+                print(f"  {'to' if not i else '':14}{printable(to)}")
         for i, attempt in enumerate(data['attempts']):
-            print(f"  {'attempts' if not i else '':14}{attempt}")
+            print(f"  {'attempts' if not i else '':14}{printable(attempt)}")
         if data['headers']:
             print('  headers')
             for key, value in data['headers']:
-                print(f'    {key}: {value}')
+                print(f'    {printable(key)}: {printable(value)}')
     return OK
 
 
@@ -969,6 +976,12 @@ def run_send(args):
         from mailout import factories
         delivery = factories.build_all(settings)[1][name]
 
+    for option, values in (('--from', [args.fromaddr]), ('--to', args.toaddrs),
+                           ('--subject', [args.subject])):
+        for value in values:
+            if '\r' in value or '\n' in value:
+                raise CommandError(
+                    USAGE, f'{option} {value!r} contains a line break')
     msg = email.message.EmailMessage()
     msg['From'] = args.fromaddr
     msg['To'] = ', '.join(args.toaddrs)
@@ -1014,20 +1027,20 @@ def _send_report(args, result):
     if args.json:
         _print_json(result)
         return OK if result['ok'] else FAILED
-    print(f"message <{result.get('message_id')}> via "
+    print(f"message <{printable(result.get('message_id'))}> via "
           + ('queued' if result['queued'] else 'direct')
           + f" delivery {result['delivery']}"
           + (f" ({result['path']})" if result.get('path') else ''))
     if 'error' in result:
-        print(f"  not sent: {result['error']}")
+        print(f"  not sent: {printable(result['error'])}")
     elif not result['queued']:
-        print(f"  sent to {', '.join(result['to'])}")
+        print(f"  sent to {printable(', '.join(result['to']))}")
     elif result['outcome'] == 'queued':
         print('  queued; another processor took it (it was not seen here)')
     for record in result.get('events', ()):
-        line = f"  {record['event']} to {', '.join(record['to'])}"
+        line = f"  {record['event']} to {printable(', '.join(record['to']))}"
         if record['reply']:
-            line += f": {record['reply']}"
+            line += f": {printable(record['reply'])}"
         if record['event'] != 'sent':
             line += f"  (mailout queue show {record['id']})"
         print(line)
