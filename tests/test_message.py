@@ -308,7 +308,8 @@ def test_oversized_message_is_refused_before_parsing(form, shape):
 @pytest.mark.parametrize('form, shape', [
     ('str', 'text lines'), ('str', 'empty lines'), ('str', 'header lines'),
     ('bytes', 'text lines'), ('bytes', 'empty lines'),
-    ('bytes', 'header lines'), ('EmailMessage', 'text lines')])
+    ('bytes', 'header lines'), ('EmailMessage', 'text lines'),
+    ('EmailMessage', 'empty lines')])
 def test_message_at_the_default_limit_in_bounded_memory(form, shape):
     """A message just under the default limit is validated using a few
     times its own size, whatever its shape."""

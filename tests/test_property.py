@@ -1,6 +1,8 @@
 """Property: what send() accepts reaches the relay byte for byte, but for
 the documented normalisation (CRLF line endings, Message-Id and Date added
 when missing, Bcc removed)."""
+import email.message
+import email.policy
 import re
 
 import pytest
@@ -92,3 +94,40 @@ def test_sizing_before_parsing_never_refuses_what_fits(pieces, as_bytes):
                        max_size=size).message) == size
     with pytest.raises(MessageTooLarge):
         prepare('a@x.org', ['b@x.org'], message, max_size=size - 1)
+
+
+message_text = st.lists(st.sampled_from(
+    ['\r', '\n', '\r\n', 'x', ' ', 'From here', 'ü', '.']), max_size=30) \
+    .map(''.join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(message_text, min_size=1, max_size=3),
+       policy=st.sampled_from([email.policy.compat32, email.policy.default]))
+def test_message_objects_serialise_as_as_bytes_does(texts, policy):
+    """Message objects are written line by line (not split into a list
+    first) into the same bytes as ``as_bytes()`` with CRLF gives."""
+    if policy is email.policy.compat32:
+        m = email.message.Message()
+        if len(texts) == 1:
+            m.set_payload(texts[0])
+        else:
+            m.set_type('multipart/mixed')
+            for text in texts:
+                part = email.message.Message()
+                part.set_payload(text)
+                m.attach(part)
+    else:
+        m = email.message.EmailMessage()
+        m.set_content(texts[0])
+        for text in texts[1:]:
+            m.add_attachment(text)
+    m['Message-Id'] = '<a@example.org>'
+    m['Date'] = 'Fri, 27 Nov 2026 06:00:00 -0000'
+    try:
+        expected = m.as_bytes(policy=policy.clone(linesep='\r\n'))
+    except ValueError:      # non-ASCII text in a compat32 message
+        with pytest.raises(MessageError):
+            prepare('a@x.org', ['b@x.org'], m)
+    else:
+        assert prepare('a@x.org', ['b@x.org'], m).message == expected

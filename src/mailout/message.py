@@ -10,7 +10,9 @@ them into lines: a message costs a few times its own size in memory, and
 one over the limit hardly more than itself.
 """
 import dataclasses
+import io
 import email.errors
+import email.generator
 import email.header
 import email.message
 import email.utils
@@ -52,6 +54,7 @@ _BLANK_LINE = {str: re.compile(r'\n\r|\n\n|\r\r'),
 _REMOVED_FIELD_START = {
     str: re.compile(r'(?:\A|[\r\n])(?:resent-)?bcc:', re.I),
     bytes: re.compile(rb'(?:\A|[\r\n])(?:resent-)?bcc:', re.I)}
+_TEXT_LINE = re.compile(r'([^\r\n]*)(?:\r\n|\r|\n)')
 # A line break that is not a fold (one followed by a space or tab).
 _INJECTED_LINE = re.compile(r'(?:\r\n|\r(?!\n)|(?<!\r)\n)(?![ \t])')
 _ID_TEXT = r'[^<>\s@\x00-\x1f\x7f]+'
@@ -268,15 +271,34 @@ def _as_bytes(message):
     if isinstance(message, email.message.Message):
         for part in message.walk():
             _check_part_headers(part)
+        buffer = io.BytesIO()
+        generator = _LineByLineGenerator(
+            buffer, mangle_from_=False,
+            policy=message.policy.clone(linesep='\r\n'))
         try:
-            return message.as_bytes(
-                policy=message.policy.clone(linesep='\r\n'))
+            generator.flatten(message)
+            return buffer.getvalue()
         except (email.errors.MessageError, ValueError) as e:
             raise InvalidHeader(f'cannot serialise the message: {e}') \
                 from None
     raise MessageError(
         'message must be str, bytes or email.message.Message, not '
         f'{type(message).__name__}')
+
+
+class _LineByLineGenerator(email.generator.BytesGenerator):
+    """What ``Message.as_bytes()`` uses, but writing a part's lines as it
+    finds them: the base class splits the whole text into a list first,
+    which for a text of many short lines costs many times its size."""
+
+    def _write_lines(self, text):
+        end = 0
+        for line in _TEXT_LINE.finditer(text):
+            self.write(line.group(1))
+            self.write(self._NL)
+            end = line.end()
+        if end < len(text):
+            self.write(text[end:])
 
 
 def _check_part_headers(part):
