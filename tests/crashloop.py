@@ -7,10 +7,10 @@ options); tests/test_crash.py runs a shorter loop.
 Each iteration starts a real child process (``crashloop.py --child``) that
 builds mailout from a config file (a queued delivery with its processor on,
 1 or 8 sender threads, so the child both commits and delivers, its threads
-woken together by each commit) and runs random transactions of 1-5
-messages: most commit, some abort, some fail in the vote of another resource
-manager (before or after mailout's vote), some roll a savepoint back past
-some of their messages.  It reports on stdout, one flushed line each::
+woken together by each commit, recovery every 50 ms) and runs random
+transactions of 1-5 messages: most commit, some abort, some fail in the
+vote of another resource manager (before or after mailout's vote), some
+roll a savepoint back past some of their messages.  It reports on stdout, one flushed line each::
 
     send ID RCPT,RCPT   before send()
     commit ID ...       before transaction.commit()
@@ -420,7 +420,7 @@ CONFIG = '''<mailout>
   mailer relay
   queue-path {queue}
   connections {connections}
-  poll-interval 1s
+  poll-interval 0.05s
   min-backoff 1s
   max-backoff 2s
 </queued-delivery>
