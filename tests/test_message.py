@@ -467,3 +467,15 @@ def test_resent_bcc_is_removed_like_bcc(form):
     assert b'secret' not in data and b'more@' not in data
     assert b'third' not in data
     assert b'Resent-To: b@example.org' in data
+
+
+def test_sizing_takes_str_and_bytes_subclasses():
+    """zope.i18nmessageid.Message is a str subclass."""
+    class Text(str):
+        pass
+
+    class Data(bytes):
+        pass
+
+    for message in (Text('Subject: x\n\nbody\n'), Data(b'Subject: x\n\n')):
+        assert prepare('a@x.org', ['b@x.org'], message, max_size=1000)

@@ -10,12 +10,12 @@ them into lines: a message costs a few times its own size in memory, and
 one over the limit hardly more than itself.
 """
 import dataclasses
-import io
 import email.errors
 import email.generator
 import email.header
 import email.message
 import email.utils
+import io
 import os
 import re
 import socket
@@ -132,7 +132,7 @@ def _smallest_size(message):
     object is at least the text of its parts.
     """
     if isinstance(message, (str, bytes)):
-        kind = type(message)
+        kind = bytes if isinstance(message, bytes) else str   # or subclasses
         blank = _BLANK_LINE[kind].search(message)
         header_end = blank.start() if blank else len(message)
         removable = _REMOVED_FIELD_START[kind].search(message, 0, header_end)
