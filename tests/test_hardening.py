@@ -627,3 +627,152 @@ def test_process_daemon_memory_stays_flat():
     assert tracker.counts() == {'sent': 90000, 'deferred': 10000,
                                 'failed': 0}
     assert growth < 64 * 1024, f'{growth} bytes for 90,000 more events'
+
+
+# -- found by an adversarial review of the above --------------------------------
+
+def test_one_bad_entry_never_stops_recovery(tmp_path, sink):
+    """A directory in tmp/ named like a dead writer's message (unlink
+    fails) is skipped: recovery, retries and delivery go on."""
+    from mailout.queue import _HOST
+    delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
+    os.mkdir(os.path.join(queue.path, 'tmp', '1700000000000000000.'
+                          f'999999-deadbeef_b_u.{_HOST}'))
+    delivery.send(FROM, ['ann@example.org'], text('deferred'))
+    transaction.commit()
+    [name] = queue.waiting()
+    queue.defer(queue.claim(name), ('ann@example.org',), 'x 451 later',
+                time.time() - 10)
+    delivery.send(FROM, ['ann@example.org'], text('new'))
+    transaction.commit()
+    assert processor.run_once() == 2
+    assert subjects(sink) == ['deferred', 'new']
+
+
+def test_a_transient_read_error_is_no_reason_to_fail(tmp_path, sink):
+    """No file descriptor left when the message is read (EMFILE, in a
+    child with a low RLIMIT_NOFILE): the message is tried again later,
+    not moved to failed/."""
+    delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
+    delivery.send(FROM, ['ann@example.org'], text('later'))
+    transaction.commit()
+    script = f'''
+import os, resource
+from mailout import queue as queue_module
+from mailout.processor import Processor
+queue = queue_module.Queue({queue.path!r})
+claimed = queue.claim(queue.waiting()[0])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+read = queue_module._read_regular
+
+def read_while_out_of_descriptors(path, *args):
+    hog = []
+    try:
+        while True:
+            hog.append(os.open('/dev/null', os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        return read(path, *args)
+    finally:            # the pressure passes
+        for fd in hog:
+            os.close(fd)
+queue_module._read_regular = read_while_out_of_descriptors
+Processor(queue, mailer=None).deliver(claimed)
+'''
+    result = subprocess.run([os.sys.executable, '-c', script],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert 'Too many open files' in result.stderr
+    assert files(queue, 'failed') == [] and files(queue, 'cur') == []
+    queue.promote_due(now=time.time() + 10 ** 6)
+    assert processor.run_once() == 1
+    assert subjects(sink) == ['later']
+
+
+def test_names_with_commas(tmp_path, sink):
+    """Maildir++ names (``NAME,S=61``) are claimed, deferred and recovered
+    under their whole name: two never overwrite each other."""
+    delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
+    names = ['1700000000.M1P2.host,S=60', '1700000000.M1P2.host,S=61']
+    for name in names:
+        plant(queue, 'new', name, b'X-Zope-From: a@example.org\n'
+              b'X-Zope-To: ann@example.org\nSubject: ' + name.encode()
+              + b'\n\nhi\n')
+    for name in names:
+        queue.defer(queue.claim(name), ('ann@example.org',), 'x 451', 0)
+    assert files(queue, 'deferred') == names
+    queue.promote_due()
+    claimed = queue.claim(names[0])
+    queue.forget(claimed)                   # its owner "died"
+    assert queue.recover() == 1
+    assert processor.run_once() == 2
+    assert len(sink.messages()) == 2
+
+
+def test_release_marks_every_recipient_of_a_large_envelope(tmp_path, sink):
+    """Settled recipients are marked however long the envelope: after a
+    release of 25,000 delivered recipients none is left to send."""
+    delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
+    recipients = [f'user{i:06d}.{"x" * 40}@example.org' for i in range(25000)]
+    queue.commit([queue.write(prepare(FROM, recipients, text('many')))])
+    [name] = queue.waiting()
+    queue.release(queue.claim(name), tuple(recipients), 0)
+    queue.promote_due()
+    assert queue.read(queue.claim(name)).toaddrs == ()
+
+
+def test_direct_mail_waits_for_resources_that_commit_in_their_vote(
+        tmp_path, sink):
+    """A one-phase resource that commits in its vote (zope.sqlalchemy's
+    sort key) and fails: a direct delivery has sent nothing."""
+    from helpers import direct_delivery
+    delivery = direct_delivery(sink.port)
+
+    def refuse():
+        raise ValueError('COMMIT failed')
+    transaction.get().join(Resource('~sqlalchemy:1', vote=refuse))
+    delivery.send(FROM, ['ann@example.org'], text('not yet'))
+    with pytest.raises(ValueError):
+        transaction.commit()
+    transaction.abort()
+    assert sink.messages() == []
+
+
+def test_containers_sharing_a_host_name_keep_their_writes(tmp_path, sink):
+    """Two processes in their own pid namespaces (containers with the
+    host's network and name, each Zope pid 1): recovery in one never
+    takes the other's voted files for a dead predecessor's."""
+    queue_path = str(tmp_path / 'queue')
+    Queue(queue_path)
+    script = '''
+import os, sys, time
+from mailout.message import prepare
+from mailout.queue import Queue
+queue, role = Queue(sys.argv[1]), sys.argv[2]
+flag = os.path.join(os.path.dirname(sys.argv[1]), 'voted')
+if role == 'writer':
+    names = [queue.write(prepare('a@example.org', ['ann@example.org'],
+                                 'Subject: x\\r\\n\\r\\nhi\\r\\n'), 'batch')
+             for _ in range(2)]
+    queue.prepare(names)
+    open(flag, 'w').close()
+    time.sleep(1)
+    queue.commit(names)
+else:
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    queue.recover()
+print(os.getpid())
+'''
+    children = [subprocess.Popen(
+        ['unshare', '--pid', '--fork', '--mount-proc', os.sys.executable,
+         '-c', script, queue_path, role], stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE) for role in ('writer', 'recoverer')]
+    outputs = [child.communicate(timeout=30) for child in children]
+    if any(child.returncode for child in children):
+        if not os.environ.get('CI') and 'unshare' in outputs[0][1]:
+            pytest.skip(f'cannot make a pid namespace: {outputs[0][1]}')
+        pytest.fail(str(outputs))
+    assert [out.strip() for out, _ in outputs] == ['1', '1']
+    assert len(os.listdir(os.path.join(queue_path, 'new'))) == 2

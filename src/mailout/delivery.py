@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 class _Delivery:
 
+    # Where the data manager sorts among a transaction's resources: after
+    # the usual keys (ZODB's storages), before resources that commit in
+    # their vote (zope.sqlalchemy's '~sqlalchemy:'), so that when theirs
+    # fails, queued mail is discarded with the rest.
+    sort_key = '~mailout'
+
     def __init__(self, name, mailer, max_message_size=None,
                  transaction_manager=None):
         self.name = name
@@ -123,6 +129,10 @@ class DirectDelivery(_Delivery):
     those before a refused one have gone.
     """
 
+    # After every other resource, those that commit in their vote too:
+    # mail that left cannot be called back.
+    sort_key = '~~~mailout'
+
     def _vote(self, envelopes):
         try:
             for envelope in envelopes:
@@ -154,9 +164,7 @@ class MailDataManager:
                f'{len(self.envelopes)} message(s)>'
 
     def sortKey(self):
-        # '~' sorts after the usual keys (ZODB's storages, SQL databases):
-        # this one votes last.
-        return f'~mailout:{self.delivery.name}:{id(self)}'
+        return f'{self.delivery.sort_key}:{self.delivery.name}:{id(self)}'
 
     def tpc_begin(self, txn):
         pass

@@ -11,6 +11,7 @@ disk.
 import atexit
 import collections
 import dataclasses
+import errno
 import logging
 import os
 import threading
@@ -26,10 +27,7 @@ from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 from mailout.message import message_id_of
-try:    # TEMP until message.printable lands
-    from mailout.message import printable
-except ImportError:
-    printable = str
+from mailout.message import printable
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +271,18 @@ class Processor:
         try:
             message = self.queue.read(claimed)
         except FileNotFoundError:       # taken from us meanwhile
-            self.queue.release(claimed, (), 0)
+            self.queue.forget(claimed)
             return
-        except (ValueError, OSError) as e:  # QueueError, UnicodeDecodeError
+        except OSError as e:
+            if e.errno in _UNREADABLE:
+                self._quarantine(claimed, e)
+            else:                       # EMFILE, EIO, ...: may pass
+                log.error('%r: cannot read %s now (%s): trying again later',
+                          self, printable(claimed), printable(str(e)))
+                self.queue.release(claimed, (), time.time()
+                                   + self.retry.min_backoff)
+            return
+        except ValueError as e:         # QueueError, UnicodeDecodeError
             self._quarantine(claimed, e)
             return
         if not message.toaddrs:         # settled, but could not be removed
@@ -304,7 +311,7 @@ class Processor:
             self.queue.quarantine(claimed, _attempt((None, str(error))))
         except OSError as e:
             log.error('%r: cannot move %s to failed/ (%s): left for a later '
-                      'attempt', self, printable(claimed), e)
+                      'attempt', self, printable(claimed), printable(str(e)))
             self.queue.release(claimed, (), time.time()
                                + self.retry.min_backoff)
 
@@ -341,24 +348,27 @@ class Processor:
             # for a later attempt, never again to those who have it.
             log.error('%r: cannot record the outcome of %s (%s): released '
                       'for another attempt after %s', self,
-                      printable(message.name), e, _stamp(until))
+                      printable(message.name), printable(str(e)),
+                      _stamp(until))
             self.queue.release(claimed, sent + recorded, until)
             failed, deferred = {a: failed[a] for a in recorded}, {}
         about = message_id, message.fromaddr
         where = self.name, message.name
+        # A queue file may come from anywhere: escape what a log line shows.
+        shown = printable(message_id)
         if sent:
-            log.info('%r: sent %s to %s', self, message_id, ', '.join(sent))
+            log.info('%r: sent %s to %s', self, shown, _listed(sent))
             self._notify(MailSentEvent(*about, sent, *where))
         if failed:
-            log.error('%r: %s failed for %s: %s', self, message_id,
-                      ', '.join(failed), failed_reply[1])
+            log.error('%r: %s failed for %s: %s', self, shown,
+                      _listed(failed), printable(failed_reply[1]))
             self._notify(MailFailedEvent(*about, tuple(failed), *where,
                                          failed_reply))
         if deferred:
             log.warning('%r: %s deferred for %s until %s: %s', self,
-                        message_id, ', '.join(deferred),
+                        shown, _listed(deferred),
                         time.strftime('%H:%M:%S', time.localtime(until)),
-                        deferred_reply[1])
+                        printable(deferred_reply[1]))
             self._notify(MailDeferredEvent(*about, tuple(deferred), *where,
                                            deferred_reply))
 
@@ -368,6 +378,15 @@ class Processor:
         except Exception:
             log.exception('%r: a subscriber to %s failed', self,
                           type(event).__name__)
+
+
+#: Errors reading a queue file that say it will never be readable.
+_UNREADABLE = {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR,
+               errno.ENXIO, errno.EINVAL}
+
+
+def _listed(addresses):
+    return printable(', '.join(addresses))
 
 
 def _is_permanent(reply):

@@ -30,6 +30,7 @@ else is quarantined in ``failed/`` with a reason.  Files written by zope.sendmai
 queued delivery (``X-Zope-From`` and ``X-Zope-To`` lines before the
 message) are read too; its dot-files are ignored, as Maildir readers do.
 """
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -43,12 +44,26 @@ import uuid
 
 from mailout.interfaces import MailoutError
 from mailout.message import normalise_line_endings
+from mailout.message import printable
 
 log = logging.getLogger(__name__)
 
 AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed')
-_HOST = (socket.gethostname() or 'localhost').replace(',', '_') \
-    .replace('/', '_')
+def _host_id():
+    """This host in queue file names: its name and, where /proc tells, its
+    pid namespace, so that containers sharing a host name (host network)
+    never take each other's pids for their own."""
+    host = socket.gethostname() or 'localhost'
+    try:
+        namespace = os.readlink('/proc/self/ns/pid')   # pid:[4026531836]
+    except OSError:
+        namespace = ''
+    if namespace:
+        host += '~' + ''.join(c for c in namespace if c.isdigit())
+    return host.replace(',', '_').replace('/', '_')
+
+
+_HOST = _host_id()
 #: Claims by another host whose file was not touched for this long are
 #: taken back: that host's processor is presumed dead.
 CLAIM_LEASE = 600
@@ -108,7 +123,8 @@ class Queue:
         self._claims = set()        # claims held by this process, by name
         self._claims_lock = threading.Lock()
         self._unfinished = []       # committed batches still in tmp/
-        self._reported = set()      # foreign names logged once
+        self._unreleased = {}       # claim -> (settled, until), see release
+        self._reported = set()      # names logged once
         os.register_at_fork(after_in_child=self._after_fork)
 
     def __repr__(self):
@@ -120,6 +136,7 @@ class Queue:
         self._claims = set()
         self._claims_lock = threading.Lock()
         self._unfinished = []
+        self._unreleased = {}
 
     @property
     def _writer(self):
@@ -173,10 +190,12 @@ class Queue:
         except FileNotFoundError:
             return []
 
-    def _report_once(self, name, what, *args):
+    def _report_once(self, name, what):
+        """Log ``what`` about the entry ``name`` once in this process's
+        life; ``{}`` in ``what`` stands for the name, escaped."""
         if name not in self._reported:
             self._reported.add(name)
-            log.warning('%r: ' + what, self, *args)
+            log.warning('%r: %s', self, what.format(printable(name)))
 
     # -- writing (used by the transaction's data manager) -------------------
 
@@ -308,23 +327,23 @@ class Queue:
         try:
             os.rename(self._area('new', name), self._area('cur', claimed))
         except FileNotFoundError:
-            self._unclaim(claimed)
+            self.forget(claimed)
             return None
         except OSError:
-            self._unclaim(claimed)
+            self.forget(claimed)
             raise
         return claimed
 
     def read(self, claimed):
         """The claimed message; `QueueError` for anything but a readable
         regular file."""
-        return _parse(claimed.split(',', 1)[0],
+        return _parse(_claim_parts(claimed)[0],
                       _read_regular(self._area('cur', claimed)))
 
     def done(self, claimed):
         """The message was delivered to every recipient: forget it."""
         os.unlink(self._area('cur', claimed))
-        self._unclaim(claimed)
+        self.forget(claimed)
 
     def defer(self, claimed, toaddrs, attempt, until):
         """Keep ``toaddrs`` of the message for a retry at ``until``."""
@@ -332,8 +351,8 @@ class Queue:
         # The time first: once in deferred/, a processor may promote it.
         os.utime(self._area('cur', claimed), (until, until))
         os.rename(self._area('cur', claimed),
-                  self._area('deferred', claimed.split(',', 1)[0]))
-        self._unclaim(claimed)
+                  self._area('deferred', _claim_parts(claimed)[0]))
+        self.forget(claimed)
 
     def fail(self, claimed, toaddrs, attempt, keep_claim=False):
         """Move the message for ``toaddrs`` to ``failed/`` with its history.
@@ -347,7 +366,7 @@ class Queue:
         self._rewrite(claimed, toaddrs, attempt)
         self._add_failed(claimed, lambda path: os.rename(
             self._area('cur', claimed), path))
-        self._unclaim(claimed)
+        self.forget(claimed)
 
     def quarantine(self, claimed, reason):
         """Move an unreadable claimed entry to ``failed/`` as it is, with
@@ -360,14 +379,14 @@ class Queue:
                 _unlink(path + '.reason')
                 raise
         self._add_failed(claimed, move)
-        self._unclaim(claimed)
+        self.forget(claimed)
 
     def _add_failed(self, claimed, create):
         # Recipients of one message may fail on different attempts: each
         # failure keeps a record of its own (NAME, NAME+2, ...).  Only the
         # claim's holder fails a message; a name taken meanwhile (or a
         # planted NAME.reason) moves on to the next number.
-        name = claimed.split(',', 1)[0]
+        name = _claim_parts(claimed)[0]
         for number in itertools.count(1):
             path = self._area('failed', name if number == 1
                               else f'{name}+{number}')
@@ -384,23 +403,44 @@ class Queue:
         marked done in the file itself (an overwrite in place needs no new
         space), then the message goes to ``deferred/`` until ``until`` (or,
         failing that, to ``new/``), to be tried again once the fault clears
-        -- never again for those recipients."""
+        -- never again for those recipients.  If even the mark cannot be
+        written, this process keeps the claim and tries again at each
+        `recover`: no other may send it to them again."""
         path = self._area('cur', claimed)
-        name = claimed.split(',', 1)[0]
+        name = _claim_parts(claimed)[0]
         _unlink(self._area('tmp', claimed + '.rewrite'))
         try:
             if settled and not _mark_settled(path, settled):
                 log.error('%r: %s is in zope.sendmail\'s format: cannot mark '
                           '%s as done; they may get a second copy', self,
-                          name, ', '.join(settled))
+                          printable(name), printable(', '.join(settled)))
+        except FileNotFoundError:
+            self.forget(claimed)
+            return
+        except OSError as e:
+            log.error('%r: cannot mark %s as sent to %s (%s): keeping it '
+                      'claimed until it can be', self, printable(name),
+                      printable(', '.join(settled)), e)
+            with self._claims_lock:
+                self._unreleased[claimed] = (settled, until)
+            return
+        try:
+            os.utime(path, (until, until))
+            os.rename(path, self._area('deferred', name))
+        except OSError:
             try:
-                os.utime(path, (until, until))
-                os.rename(path, self._area('deferred', name))
-            except OSError:
                 os.rename(path, self._area('new', name))
-        finally:
-            # If the rename failed too, recovery gives it back later.
-            self._unclaim(claimed)
+            except OSError:
+                pass        # recovery gives it back once it can
+        with self._claims_lock:
+            self._unreleased.pop(claimed, None)
+        self.forget(claimed)
+
+    def _release_kept(self):
+        with self._claims_lock:
+            kept = list(self._unreleased.items())
+        for claimed, (settled, until) in kept:
+            self.release(claimed, settled, until)
 
     def promote_due(self, now=None, horizon=None):
         """Move deferred messages whose time has come back to ``new/``.  A
@@ -412,37 +452,53 @@ class Queue:
             path = self._area('deferred', name)
             due = _mtime(path, now)
             if due <= now or horizon is not None and due > now + horizon:
-                try:
-                    os.rename(path, self._area('new', name))
-                    moved += 1
-                except FileNotFoundError:       # another processor moved it
-                    pass
+                with self._entry_errors(name):
+                    try:
+                        os.rename(path, self._area('new', name))
+                        moved += 1
+                    except FileNotFoundError:   # another processor moved it
+                        pass
         return moved
 
     def recover(self, now=None):
         """Create missing areas, finish committed batches, give claims of
         dead owners back to ``new/`` and remove their unfinished writes
         from ``tmp/``; return how many claims came back.  A name that is
-        not mailout's is left alone (logged once)."""
+        not mailout's is left alone, and an entry that cannot be handled
+        is skipped; each is logged once."""
         now = time.time() if now is None else now
         if self.writable:
             self._check_areas()
         self._finish_unfinished()
+        self._release_kept()
         self._clean_tmp(now)
         recovered = 0
         for claimed in self._listdir('cur'):
             if _claim_parts(claimed) is None:
-                self._report_once(claimed, 'cur/%s is not a claim of '
-                                  "mailout's: left alone", claimed)
+                self._report_once(claimed, "cur/{} is not a claim of "
+                                  "mailout's: left alone")
                 continue
-            if self._owner_is_dead(claimed, now):
-                try:
-                    os.rename(self._area('cur', claimed),
-                              self._area('new', claimed.split(',', 1)[0]))
-                    recovered += 1
-                except FileNotFoundError:
-                    pass
+            with self._entry_errors(claimed):
+                if self._owner_is_dead(claimed, now):
+                    try:
+                        os.rename(self._area('cur', claimed),
+                                  self._area('new',
+                                             _claim_parts(claimed)[0]))
+                        recovered += 1
+                    except FileNotFoundError:
+                        pass
         return recovered
+
+    @contextlib.contextmanager
+    def _entry_errors(self, name):
+        # No single entry may stop the queue: log it once and go on.
+        try:
+            yield
+        except OSError as e:
+            if name not in self._reported:
+                self._reported.add(name)
+                log.warning('%r: skipped %s: %s', self, printable(name),
+                            printable(str(e)))
 
     def _clean_tmp(self, now):
         # A commit marker means its transaction committed: finish moving
@@ -462,32 +518,37 @@ class Queue:
             parts = _tmp_name_parts(name)
             if parts and name.endswith('.commit'):
                 committed[parts[:2]] = name
+        unfinished = set()              # batches with a file left behind
         for name in names:
             path = self._area('tmp', name)
+            parts = _tmp_name_parts(name)
             if name.endswith('.rewrite'):
                 if _claim_parts(name[:-len('.rewrite')]) is None:
-                    self._report_once(name, 'tmp/%s is not mailout\'s: '
-                                      'left alone', name)
+                    self._report_once(name, "tmp/{} is not mailout's: left "
+                                      "alone")
                 elif self._owner_is_dead(name[:-len('.rewrite')], now):
-                    _unlink(path)
-                continue
-            parts = _tmp_name_parts(name)
-            if parts is None:
-                self._report_once(name, 'tmp/%s is not mailout\'s: left '
-                                  'alone', name)
+                    with self._entry_errors(name):
+                        _unlink(path)
+            elif parts is None:
+                self._report_once(name, "tmp/{} is not mailout's: left alone")
             elif name.endswith('.commit'):
-                continue
+                pass
             elif parts[:2] in committed:
-                try:
-                    os.rename(path, self._area('new', name))
-                except FileNotFoundError:   # another process moved it
-                    pass
+                with self._entry_errors(name):
+                    try:
+                        os.rename(path, self._area('new', name))
+                    except FileNotFoundError:
+                        pass            # another process moved it
+                if os.path.lexists(path):
+                    unfinished.add(parts[:2])
             elif self._writer_is_dead(parts, path, now, TMP_LIFETIME, dead):
-                _unlink(path)
+                with self._entry_errors(name):
+                    _unlink(path)
         if committed:
             _fsync_directory(self._area('new'))
-            for marker in committed.values():
-                _unlink(self._area('tmp', marker))
+            for batch, marker in committed.items():
+                if batch not in unfinished:
+                    _unlink(self._area('tmp', marker))
 
     def _local_writer_is_dead(self, writer):
         pid, token = writer.split('-')
@@ -513,7 +574,9 @@ class Queue:
                     or claimed not in self._claims
         return not _pid_alive(pid)
 
-    def _unclaim(self, claimed):
+    def forget(self, claimed):
+        """Drop this process's record of a claim (settled, or its file is
+        gone)."""
         with self._claims_lock:
             self._claims.discard(claimed)
 
@@ -556,7 +619,7 @@ class Queue:
             mode = os.lstat(path)
         except FileNotFoundError:       # moved on meanwhile
             return None
-        entry = Entry(filename.split(',', 1)[0], area, filename,
+        entry = Entry(_name_of(area, filename), area, filename,
                       mode.st_mtime, mode.st_size)
         try:
             data = _read_regular(path, None if whole else _read_head)
@@ -584,7 +647,7 @@ class Queue:
         found = []
         for area in AREAS[1:]:
             for filename in self._listdir(area):
-                if filename.split(',', 1)[0] == name \
+                if _name_of(area, filename) == name \
                         and not filename.endswith('.reason'):
                     entry = self._entry(area, filename, whole=True)
                     if entry is not None:
@@ -601,7 +664,7 @@ class Queue:
         pending = [e.queued_at for e in deferred if e.queued_at]
         for area in ('new', 'cur'):
             for filename in self._listdir(area):
-                pending.append(_queued_at(filename.split(',', 1)[0])
+                pending.append(_queued_at(_name_of(area, filename))
                                or _mtime(self._area(area, filename), now))
         attempts = [(a, e.mtime) for e in deferred + failed
                     for a in e.attempts[-1:]]
@@ -660,6 +723,36 @@ class Queue:
             raise QueueError(f'{name} left {area}/ meanwhile') from None
         if area == 'failed':
             _unlink(self._area('failed', name + '.reason'))
+
+
+def area_problems(path):
+    """What is wrong with the queue directory ``path`` (for `mailout
+    check`), without changing anything: a missing, linked, foreign, not
+    writable or not 0700 area.  A queue that does not exist yet is fine
+    if it can be created."""
+    if not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        return [] if os.access(parent, os.W_OK | os.X_OK) else \
+            [f'{path} does not exist, and {parent} is not writable']
+    problems = []
+    for area in ('',) + AREAS:
+        directory = os.path.join(path, area) if area else path
+        try:
+            mode = os.lstat(directory)
+        except FileNotFoundError:
+            problems.append(f'{directory} is missing')
+            continue
+        if stat.S_ISLNK(mode.st_mode) or not stat.S_ISDIR(mode.st_mode):
+            problems.append(f'{directory} is not a directory (a link?)')
+        elif mode.st_uid != os.geteuid():
+            problems.append(f'{directory} belongs to uid {mode.st_uid}, not '
+                            f'to this user (uid {os.geteuid()})')
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            problems.append(f'{directory} is not writable by this user')
+        elif stat.S_IMODE(mode.st_mode) != 0o700:
+            problems.append(f'{directory} has mode '
+                            f'{stat.S_IMODE(mode.st_mode):o}, not 700')
+    return problems
 
 
 @dataclasses.dataclass
@@ -775,7 +868,7 @@ def _mark_settled(path, addresses):
     fd = _open_regular(path, os.O_RDWR)
     try:
         with os.fdopen(os.dup(fd), 'rb') as f:
-            head = _read_head(f)
+            head = f.read()
         if head.startswith(b'X-Zope-From:'):
             return False
         lines = set(_TO + a.encode('utf-8') + b'\r\n' for a in addresses)
@@ -874,15 +967,21 @@ def _tmp_name_parts(name):
 
 def _claim_parts(claimed):
     """``(name, host, pid, token)`` of a claim in cur/; None for a name
-    that is not one."""
+    that is not one.  NAME itself may hold commas (Maildir++ names)."""
     try:
-        name, host, pid, token = claimed.split(',')
+        name, host, pid, token = claimed.rsplit(',', 3)
         pid = int(pid)
     except ValueError:
         return None
     if not 0 < pid < 2 ** 31 or not name or not host:
         return None
     return name, host, pid, token
+
+
+def _name_of(area, filename):
+    """The message's name of a file in ``area``: in cur/ a claim's NAME."""
+    parts = _claim_parts(filename) if area == 'cur' else None
+    return parts[0] if parts else filename
 
 
 def _marker(name, suffix):
