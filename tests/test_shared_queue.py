@@ -215,9 +215,9 @@ def test_one_process_eight_threads_exactly_once(tmp_path, start_sink,
     result = tally('1 process x 8 threads', count, queue_path, sink,
                    started)
     errors = [r for r in caplog.records if r.levelname == 'ERROR']
-    print(f'{len(errors)} error(s) logged: ' + ', '.join(sorted({
-        type(r.exc_info[1]).__name__ if r.exc_info else r.getMessage()
-        for r in errors})))
+    print(f'{len(errors)} error(s) logged' + ''.join(sorted({
+        f', {type(r.exc_info[1]).__name__}' if r.exc_info
+        else f', {r.getMessage()}' for r in errors})))
     assert result.duplicates == 0, sorted(result.duplicated)[:20]
     assert errors == []
     assert result.delivered == count
