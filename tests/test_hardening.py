@@ -332,6 +332,26 @@ def test_queue_removed_and_recreated_under_a_running_process(tmp_path, sink,
         assert stat.S_IMODE(mode) == 0o700
 
 
+def test_check_reports_a_queue_removed_and_recreated(tmp_path, sink):
+    """``mailout check`` fails and names the problem when a queue's areas
+    are gone (the directory was removed and made again), linked or open to
+    others."""
+    import shutil
+    delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
+    config_path = queue_config(tmp_path, queue.path, sink.port)
+    assert mailout('check', '--config', config_path).returncode == 0
+    shutil.rmtree(queue.path)
+    os.mkdir(queue.path, 0o700)
+    result = mailout('check', '--config', config_path)
+    assert result.returncode == 1
+    assert f'{queue.path}/new is missing' in result.stdout + result.stderr
+    Queue(queue.path)
+    os.chmod(os.path.join(queue.path, 'cur'), 0o755)
+    result = mailout('check', '--config', config_path)
+    assert result.returncode == 1
+    assert 'cur has mode 755, not 700' in result.stdout + result.stderr
+
+
 # -- 7, 8, 9. what may be found in a queue -------------------------------------
 
 def plant(queue, area, name, data=None):

@@ -575,9 +575,9 @@ def _entry_data(entry, now):
     elif entry.area == 'failed':
         data['failed_at'] = _stamp(entry.mtime)
     elif entry.area == 'cur':
-        parts = entry.filename.split(',')
-        if len(parts) == 4:
-            data['claimed_by'] = {'host': parts[1], 'pid': int(parts[2])}
+        if entry.claimed_by:
+            host, pid = entry.claimed_by
+            data['claimed_by'] = {'host': host, 'pid': pid}
     return data
 
 
@@ -629,10 +629,7 @@ def _find(queues, wanted):
     for names, path, queue in queues:
         if queue is None:
             continue
-        found = {f.split(',', 1)[0] for area in ('new', 'cur', 'deferred',
-                                                  'failed')
-                 for f in os.listdir(os.path.join(queue.path, area))
-                 if not f.endswith('.reason')}
+        found = queue.message_names()
         if wanted in found:
             return names, queue, wanted
         matches += [(names, queue, n) for n in sorted(found) if wanted in n]
@@ -828,6 +825,7 @@ def run_check(args):
     from mailout import config
     from mailout import factories
     from mailout.interfaces import DeliveryError
+    from mailout.queue import area_problems
     if not args.config:
         raise CommandError(USAGE, 'no configuration: give -C CONFIG or set '
                                   '$MAILOUT_CONFIG')
@@ -875,7 +873,7 @@ def run_check(args):
             mailer_result['relays'].append(relay)
 
     for names, path in _queued(settings, required=False):
-        problem = _queue_problem(path)
+        problem = '; '.join(area_problems(path)) or None
         result['queues'].append({'deliveries': names, 'path': path,
                                  'ok': problem is None, 'error': problem})
         if problem:
@@ -893,20 +891,6 @@ def _session(connection, settings):
         'tls': sock.version() if isinstance(sock, ssl.SSLSocket) else None,
         'auth': getattr(settings, 'username', None),
     }
-
-
-def _queue_problem(path):
-    if not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return f'does not exist, and {parent} is not writable'
-        return None
-    for area in ('', 'tmp', 'new', 'cur', 'deferred', 'failed'):
-        directory = os.path.join(path, area)
-        if os.path.isdir(directory) \
-                and not os.access(directory, os.W_OK | os.X_OK):
-            return f'{directory} is not writable by this user'
-    return None
 
 
 def _check_report(args, result):

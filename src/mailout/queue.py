@@ -621,6 +621,9 @@ class Queue:
             return None
         entry = Entry(_name_of(area, filename), area, filename,
                       mode.st_mtime, mode.st_size)
+        claim = _claim_parts(filename) if area == 'cur' else None
+        if claim:
+            entry.claimed_by = claim[1:3]
         try:
             data = _read_regular(path, None if whole else _read_head)
             message = _parse(entry.name, data)
@@ -639,6 +642,13 @@ class Queue:
             except (OSError, QueueError):
                 pass
         return entry
+
+    def message_names(self):
+        """The names of the messages in ``new/``, ``cur/``, ``deferred/``
+        and ``failed/``."""
+        return {_name_of(area, filename) for area in AREAS[1:]
+                for filename in self._listdir(area)
+                if not filename.endswith('.reason')}
 
     def locate(self, name):
         """The entries (each with its whole message) of the message ``name``
@@ -768,6 +778,7 @@ class Entry:
     attempts: tuple = ()
     error: str = None       # unreadable, or why it was quarantined
     message: bytes = None   # only from `Queue.locate`
+    claimed_by: tuple = None    # in cur/: (host, pid)
 
     @property
     def queued_at(self):
