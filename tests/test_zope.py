@@ -88,6 +88,7 @@ def instance(template, tmp_path):
         conf = path / 'etc' / name
         conf.write_text(conf.read_text().replace(str(template), str(path)))
     (path / 'etc' / 'smtp-password').write_text('secret\n')
+    (path / 'etc' / 'smtp-password').chmod(0o600)   # as the README says
     return path
 
 
