@@ -562,7 +562,7 @@ class CrashLoop:
         its unfinished writes."""
         held = 0
         for name in os.listdir(os.path.join(self.queue_path, 'cur')):
-            parts = name.split(',')
+            parts = name.rsplit(',', 3)     # NAME,HOST,PID,TOKEN
             if len(parts) != 4 or parts[2] != str(pid):
                 continue
             try:
@@ -583,7 +583,8 @@ class CrashLoop:
                       key=('claims', n))
         for name in os.listdir(os.path.join(self.queue_path, 'tmp')):
             if name.endswith('.rewrite'):
-                if name.split(',')[2:3] == [str(pid)]:
+                claimed = name[:-len('.rewrite')]
+                if claimed.rsplit(',', 3)[2:3] == [str(pid)]:
                     self.summary.rewrites_at_kill += 1
             elif name.split('.')[1:2] and \
                     name.split('.')[1].split('_')[0].split('-')[0] == str(pid):

@@ -265,7 +265,7 @@ def test_kill_9_of_one_processor_mid_run(tmp_path, start_sink):
     wait_until_stopped(victim.pid)
     in_flight = {message_number(os.path.join(queue_path, 'cur', claim))
                  for claim in os.listdir(os.path.join(queue_path, 'cur'))
-                 if claim.split(',')[2:3] == [str(victim.pid)]}
+                 if claim.rsplit(',', 3)[2:3] == [str(victim.pid)]}
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     processors.wait(processors.processes[1:])
