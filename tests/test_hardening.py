@@ -796,3 +796,76 @@ print(os.getpid())
         pytest.fail(str(outputs))
     assert [out.strip() for out, _ in outputs] == ['1', '1']
     assert len(os.listdir(os.path.join(queue_path, 'new'))) == 2
+
+
+def test_permission_denied_while_recording_as_a_non_root_user(start_sink):
+    """A processor running as an ordinary user (a child that drops root):
+    deferred/ and failed/ turn read-only while a message is on the wire.
+    The outcome cannot be recorded: the claim is released (not held), the
+    recipient who got it is never sent to again, and once the next
+    recovery has set the modes back, the other recipient gets it."""
+    if os.geteuid() != 0:
+        pytest.skip('needs root to start a child as another user')
+    import shutil
+    import tempfile
+    sink = start_sink('--rcpt-reply', '451 4.3.0 later', '--faults', '1',
+                      '--data-delay', '1')
+    base = tempfile.mkdtemp(dir='/tmp')
+    os.chmod(base, 0o755)
+    os.chown(base, 65534, 65534)
+    queue_path = os.path.join(base, 'queue')
+    script = f'''
+import os, sys, time, transaction
+from mailout import config
+from mailout.factories import build_all
+settings = config.loads(\'\'\'<mailout>
+  <smtp-mailer relay>
+    host 127.0.0.1:{sink.port}
+    tls none
+    down-time 0
+  </smtp-mailer>
+  <queued-delivery default>
+    mailer relay
+    queue-path {queue_path}
+    processor off
+  </queued-delivery>
+</mailout>\'\'\')
+import encodings.idna   # loaded lazily by socket, from a path nobody
+os.setgid(65534)        # cannot read: from now on, nobody
+os.setuid(65534)
+_, deliveries = build_all(settings)
+from mailout.processor import Processor
+delivery = deliveries['default']
+processor = Processor(delivery.queue, delivery.mailer)
+delivery.send('app@example.org', ['ann@example.org', 'bob@example.org'],
+              'Subject: x\\r\\n\\r\\nHi.\\r\\n')
+transaction.commit()
+print('committed', flush=True)
+processor.run_once()
+print('first run', sorted(os.listdir({queue_path!r} + '/cur')), flush=True)
+delivery.queue.promote_due(now=time.time() + 10 ** 6)
+processor.run_once()
+'''
+    try:
+        child = subprocess.Popen([os.sys.executable, '-c', script],
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        line = child.stdout.readline().strip()
+        assert line == 'committed', child.communicate()[1]
+        deadline = time.monotonic() + 10
+        while not os.listdir(os.path.join(queue_path, 'cur')):
+            assert time.monotonic() < deadline and child.poll() is None, \
+                child.communicate()
+            time.sleep(0.01)
+        for area in ('deferred', 'failed'):
+            os.chmod(os.path.join(queue_path, area), 0o500)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert out.strip() == 'first run []', err
+        assert 'Permission denied' in err and 'set to 700' in err
+        assert sorted(r for m in sink.messages() for r in m['rcpt_tos']) \
+            == ['ann@example.org', 'bob@example.org']
+        for area in ('tmp', 'new', 'cur', 'deferred', 'failed'):
+            assert os.listdir(os.path.join(queue_path, area)) == [], area
+    finally:
+        shutil.rmtree(base)

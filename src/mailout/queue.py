@@ -180,6 +180,9 @@ class Queue:
                     os.fchmod(fd, 0o700)
                 finally:
                     os.close(fd)
+                if announce:
+                    log.warning('%r: %s had mode %o: set to 700', self, path,
+                                stat.S_IMODE(mode.st_mode))
 
     def _listdir(self, area):
         """The names in ``area``, without dot-files (not messages, as in
@@ -349,7 +352,8 @@ class Queue:
         """Keep ``toaddrs`` of the message for a retry at ``until``."""
         self._rewrite(claimed, toaddrs, attempt)
         # The time first: once in deferred/, a processor may promote it.
-        os.utime(self._area('cur', claimed), (until, until))
+        os.utime(self._area('cur', claimed), (until, until),
+                 follow_symlinks=False)
         os.rename(self._area('cur', claimed),
                   self._area('deferred', _claim_parts(claimed)[0]))
         self.forget(claimed)
@@ -425,7 +429,7 @@ class Queue:
                 self._unreleased[claimed] = (settled, until)
             return
         try:
-            os.utime(path, (until, until))
+            os.utime(path, (until, until), follow_symlinks=False)
             os.rename(path, self._area('deferred', name))
         except OSError:
             try:
