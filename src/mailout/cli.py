@@ -91,7 +91,7 @@ def _fail(args, status, message):
         _print_json({'ok': False, 'error': message})
     command = ' '.join(filter(None, (args.command,
                                      getattr(args, 'queue_command', None))))
-    print(f'mailout {command}: error: {message}', file=sys.stderr)
+    print(f'mailout {command}: error: {printable(message)}', file=sys.stderr)
     return status
 
 
@@ -457,8 +457,9 @@ def _process_once(args, source, processors):
                   f"{now['deferred']} deferred, {now['failed']} failed")
         for record in tracker.records:
             if record['event'] != 'sent':
-                print(f"  {record['event']}: {record['id']} to "
-                      f"{', '.join(record['to'])}: {record['reply']}")
+                print(f"  {record['event']}: {printable(record['id'])} to "
+                      f"{printable(', '.join(record['to']))}: "
+                      f"{printable(record['reply'])}")
     return OK if ok else FAILED
 
 
@@ -467,7 +468,7 @@ def _process_daemon(args, source, processors):
 
     def emit(data):
         with lock:
-            print(json.dumps(data, ensure_ascii=False), flush=True)
+            print(json.dumps(data), flush=True)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -726,10 +727,11 @@ def run_queue_retry(args):
         _print_json({'ok': not errors, 'retried': done, 'errors': errors})
     else:
         for d in done:
-            print(f"{d['id']}: {d['from']}/ -> new/"
-                  + (f" as {d['new_id']}" if d['new_id'] != d['id'] else ''))
+            print(f"{printable(d['id'])}: {d['from']}/ -> new/"
+                  + (f" as {printable(d['new_id'])}" if d['new_id'] != d['id'] else ''))
         for e in errors:
-            print(f"{e['id']}: not retried: {e['error']}", file=sys.stderr)
+            print(f"{printable(e['id'])}: not retried: "
+                  f"{printable(e['error'])}", file=sys.stderr)
         if not todo:
             print('nothing to retry')
         elif done:
@@ -773,8 +775,9 @@ def run_queue_purge(args):
 
     def show(prefix):
         for item in listed:
-            print(f"{prefix}{item['id']} ({item['area']}/ of {item['path']})"
-                  + (f": {item['last']}" if item['last'] else ''))
+            print(f"{prefix}{printable(item['id'])} ({item['area']}/ of "
+                  f"{item['path']})"
+                  + (f": {printable(item['last'])}" if item['last'] else ''))
     if not todo or args.dry_run:
         if args.json:
             _print_json({'ok': True, 'dry_run': args.dry_run,
@@ -790,7 +793,8 @@ def run_queue_purge(args):
                                       'message(s) without --yes: stdin is '
                                       'not a terminal')
         for item in listed:
-            print(f"  {item['id']} ({item['area']}/ of {item['path']})",
+            print(f"  {printable(item['id'])} ({item['area']}/ of "
+                  f"{item['path']})",
                   file=sys.stderr)
         sys.stderr.write(f'delete these {len(todo)} message(s) for good? '
                          '[y/N] ')
@@ -809,10 +813,11 @@ def run_queue_purge(args):
         _print_json({'ok': not errors, 'purged': purged, 'errors': errors})
     else:
         for item in purged:
-            print(f"deleted {item['id']} ({item['area']}/ of "
+            print(f"deleted {printable(item['id'])} ({item['area']}/ of "
                   f"{item['path']})")
         for item in errors:
-            print(f"{item['id']}: not deleted: {item['error']}",
+            print(f"{printable(item['id'])}: not deleted: "
+                  f"{printable(item['error'])}",
                   file=sys.stderr)
     return FAILED if errors else OK
 
@@ -899,7 +904,7 @@ def _check_report(args, result):
         return
     cfg = result['config']
     if not cfg['ok']:
-        print(f"configuration FAILED: {cfg['error']}")
+        print(f"configuration FAILED: {printable(cfg['error'])}")
         print('check FAILED')
         return
     print(f"configuration {cfg['source']}: ok "
@@ -921,7 +926,7 @@ def _check_report(args, result):
                 print(f"  {where}  ok: {', '.join(done)}  "
                       f"({relay['seconds'] * 1000:.0f} ms)")
             else:
-                print(f"  {where}  FAILED: {relay['error']}")
+                print(f"  {where}  FAILED: {printable(relay['error'])}")
     for queue in result['queues']:
         print(f"queue {', '.join(queue['deliveries'])}  {queue['path']}  "
               + ('ok' if queue['ok'] else f"FAILED: {queue['error']}"))
@@ -1026,7 +1031,7 @@ def _send_report(args, result):
         if record['reply']:
             line += f": {printable(record['reply'])}"
         if record['event'] != 'sent':
-            line += f"  (mailout queue show {record['id']})"
+            line += f"  (mailout queue show {printable(record['id'])})"
         print(line)
     if result.get('others'):
         print(f"  ({result['others']} other message(s) of the queue "
