@@ -80,11 +80,11 @@ def use_up_inodes(directory):
     raise AssertionError('inodes never ran out')
 
 
-def setup(queue_path, port, mailer_lines='', delivery_lines=''):
-    """A queued delivery 'default' (processor off) whose SMTP mailer talks
-    to the sink at ``port``; returns the delivery, its processor and
-    queue, all built from real configuration."""
-    settings = config.loads(f'''<mailout>
+def sections(queue_path, port, mailer_lines='', delivery_lines=''):
+    """This module's configuration: SMTP mailer 'relay' talking to the sink
+    at ``port`` (no TLS, 2 s timeout, no rest) and queued delivery
+    'default' (processor off)."""
+    return f'''
         <smtp-mailer relay>
           host 127.0.0.1:{port}
           tls none
@@ -97,8 +97,24 @@ def setup(queue_path, port, mailer_lines='', delivery_lines=''):
           queue-path {queue_path}
           processor off
           {delivery_lines}
-        </queued-delivery>
-    </mailout>''')
+        </queued-delivery>'''
+
+
+def mailout_text(queue_path, port, **lines):
+    """`sections` as a whole standalone configuration."""
+    return f'<mailout>{sections(queue_path, port, **lines)}\n</mailout>'
+
+
+def queue_config(tmp_path, queue_path, port=25, **lines):
+    """`sections` in a standalone file for the mailout command."""
+    return write_config(tmp_path / 'mailout.conf',
+                        sections(queue_path, port, **lines))
+
+
+def setup(queue_path, port, **lines):
+    """The queued delivery of `sections`, its processor (no threads) and
+    queue, all built from real configuration."""
+    settings = config.loads(mailout_text(queue_path, port, **lines))
     _, deliveries = build_all(settings)
     delivery = deliveries['default']
     processor = Processor(delivery.queue, delivery.mailer,
@@ -410,15 +426,7 @@ def test_odd_entries_never_block_or_stick(tmp_path, sink):
     failed = files(queue, 'failed')
     for name in ('1.dir', '2.fifo', '3.socket', '4.link', '5.zope'):
         assert name in failed and name + '.reason' in failed
-    config_path = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {queue.path}
-        </queued-delivery>''')
+    config_path = queue_config(tmp_path, queue.path, sink.port)
     result = mailout('queue', 'list', '--failed', '--config', config_path)
     assert result.returncode == 0, result.stderr
     assert 'a FIFO' in result.stdout and 'a symbolic link' in result.stdout
@@ -475,15 +483,7 @@ def test_inspecting_a_read_only_queue(tmp_path, tmpfs, sink):
     delivery.send(FROM, ['ann@example.org'], text('waiting'))
     transaction.commit()
     subprocess.run(['mount', '-o', 'remount,ro', str(point)], check=True)
-    config_path = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {queue.path}
-        </queued-delivery>''')
+    config_path = queue_config(tmp_path, queue.path, sink.port)
     for command in ('status', 'list'):
         result = mailout('queue', command, '--config', config_path)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -498,17 +498,8 @@ def test_process_once_uses_the_connections_and_ends(tmp_path, start_sink):
     with no backoff, no rest and a relay that defers everything slowly it
     still ends, leaving the deferred messages for a later run."""
     sink = start_sink('--data-delay', '0.05')
-    config_path = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-          connections 4
-        </queued-delivery>''')
+    config_path = queue_config(tmp_path, tmp_path / 'queue', sink.port,
+                               delivery_lines='connections 4')
     queue = Queue(str(tmp_path / 'queue'))
     queue.commit([queue.write(prepare(FROM, ['ann@example.org'],
                                       text(f'm{i}'))) for i in range(40)])
@@ -517,19 +508,8 @@ def test_process_once_uses_the_connections_and_ends(tmp_path, start_sink):
     assert len({m['peer'] for m in sink.messages()}) == 4
 
     slow = start_sink('--data-delay', '0.05', '--data-reply', '451 later')
-    write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{slow.port}
-          tls none
-          down-time 0
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-          connections 2
-          min-backoff 0
-        </queued-delivery>''')
+    queue_config(tmp_path, tmp_path / 'queue', slow.port,
+                 delivery_lines='connections 2\nmin-backoff 0')
     queue.commit([queue.write(prepare(FROM, ['ann@example.org'],
                                       text(f'd{i}'))) for i in range(5)])
     result = mailout('process', '--once', '--config', config_path)
@@ -538,19 +518,6 @@ def test_process_once_uses_the_connections_and_ends(tmp_path, start_sink):
 
 
 # -- 15. links and owners -------------------------------------------------------
-
-def queue_config(tmp_path, queue_path, port=25):
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {queue_path}
-          processor off
-        </queued-delivery>''')
-
 
 def test_a_symlinked_failed_area_is_refused(tmp_path):
     """failed/ replaced by a link to another directory: purge and retry
@@ -818,18 +785,7 @@ def test_permission_denied_while_recording_as_a_non_root_user(start_sink):
 import os, sys, time, transaction
 from mailout import config
 from mailout.factories import build_all
-settings = config.loads(\'\'\'<mailout>
-  <smtp-mailer relay>
-    host 127.0.0.1:{sink.port}
-    tls none
-    down-time 0
-  </smtp-mailer>
-  <queued-delivery default>
-    mailer relay
-    queue-path {queue_path}
-    processor off
-  </queued-delivery>
-</mailout>\'\'\')
+settings = config.loads({mailout_text(queue_path, sink.port)!r})
 import encodings.idna   # loaded lazily by socket, from a path nobody
 os.setgid(65534)        # cannot read: from now on, nobody
 os.setuid(65534)
