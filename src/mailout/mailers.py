@@ -30,6 +30,7 @@ from zope.interface import implementer
 from mailout.interfaces import IMailer
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
+from mailout.replies import delivery_error
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,6 @@ log = logging.getLogger(__name__)
 #: multi-line replies (the extensions after EHLO, an explained refusal)
 #: stay within a few KB.  smtplib limits each line, not their number.
 MAX_REPLY_SIZE = 64 * 1024
-
-
-def delivery_error(code, text):
-    """The exception for a server reply: 5xx permanent, else transient."""
-    if isinstance(text, bytes):
-        text = text.decode('utf-8', 'replace')
-    cls = PermanentDeliveryError if 500 <= (code or 0) < 600 \
-        else TransientDeliveryError
-    return cls((code, text))
 
 
 @implementer(IMailer)

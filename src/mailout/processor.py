@@ -28,6 +28,7 @@ from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 from mailout.message import message_id_of
 from mailout.message import printable
+from mailout.replies import is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class Processor:
 
     def _settle(self, claimed, message, message_id, refused):
         sent = tuple(a for a in message.toaddrs if a not in refused)
-        failed = {a: r for a, r in refused.items() if _is_permanent(r)}
+        failed = {a: r for a, r in refused.items() if is_permanent(r)}
         deferred = {a: r for a, r in refused.items() if a not in failed}
         now = time.time()
         queued_at = message.queued_at or now
@@ -387,11 +388,6 @@ _UNREADABLE = {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR,
 
 def _listed(addresses):
     return printable(', '.join(addresses))
-
-
-def _is_permanent(reply):
-    code = reply[0]
-    return code is not None and 500 <= code < 600
 
 
 def _summary(refused):
