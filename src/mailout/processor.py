@@ -24,8 +24,7 @@ from zope.interface import implementer
 from mailout.interfaces import IMailDeferredEvent
 from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
-from mailout.interfaces import PermanentDeliveryError
-from mailout.interfaces import TransientDeliveryError
+from mailout.interfaces import DeliveryError
 from mailout.message import message_id_of
 from mailout.message import printable
 from mailout.replies import is_permanent
@@ -295,9 +294,7 @@ class Processor:
         try:
             refused = self.mailer.send(message.fromaddr, message.toaddrs,
                                        message.message) or {}
-        except PermanentDeliveryError as e:
-            refused = dict.fromkeys(message.toaddrs, e.reply)
-        except TransientDeliveryError as e:
+        except DeliveryError as e:      # for every recipient alike
             refused = dict.fromkeys(message.toaddrs, e.reply)
         except Exception as e:
             log.exception('%r: mailer failed on %s', self, claimed)
