@@ -27,7 +27,8 @@ from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import DeliveryError
 from mailout.message import message_id_of
 from mailout.message import printable
-from mailout.replies import is_permanent
+from mailout.retry import RetryPolicy
+from mailout.retry import decide
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ class MailDeferredEvent(_MailEvent):
 @dataclasses.dataclass
 class MailFailedEvent(_MailEvent):
     reply: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """When to try a deferred message again, and when to give up.
-
-    The defaults are Postfix's (minimal_backoff_time, maximal_backoff_time,
-    maximal_queue_lifetime), within RFC 5321 section 4.5.4.1.
-    """
-    min_backoff: float = 300
-    max_backoff: float = 4000
-    max_lifetime: float = 5 * 24 * 3600
-
-    def next_attempt(self, attempts, now):
-        return now + min(self.max_backoff,
-                         self.min_backoff * 2 ** max(attempts - 1, 0))
 
 
 #: Seconds a sender thread keeps its idle connection open, so that sparse
@@ -314,31 +299,27 @@ class Processor:
                                + self.retry.min_backoff)
 
     def _settle(self, claimed, message, message_id, refused):
-        sent = tuple(a for a in message.toaddrs if a not in refused)
-        failed = {a: r for a, r in refused.items() if is_permanent(r)}
-        deferred = {a: r for a, r in refused.items() if a not in failed}
-        now = time.time()
-        queued_at = message.queued_at or now
-        if deferred and now - queued_at >= self.retry.max_lifetime:
-            failed.update((a, (r[0], f'{r[1]} (gave up after '
-                              f'{int(now - queued_at)}s in the queue)'))
-                          for a, r in deferred.items())
-            deferred = {}
         # The queue first, then logs and events: neither a crash nor a
         # failing subscriber past this point can make the message go twice.
-        failed_reply = _summary(failed) if failed else None
-        deferred_reply = _summary(deferred) if deferred else None
-        until = self.retry.next_attempt(len(message.attempts) + 1, now)
+        decision = decide(message.toaddrs, refused, len(message.attempts),
+                          message.queued_at, time.time(), self.retry)
+        decision = self._record(claimed, message, decision)
+        self._announce(message, message_id, decision)
+
+    def _record(self, claimed, message, decision):
+        """Apply ``decision`` to the queue; return what is on disk."""
+        failed, deferred = decision.failed, decision.deferred
         recorded = ()                   # recipients whose outcome is on disk
         try:
             if failed:
                 self.queue.fail(claimed, tuple(failed),
-                                _attempt(failed_reply),
+                                _attempt(decision.failed_reply),
                                 keep_claim=bool(deferred))
                 recorded = tuple(failed)
             if deferred:
                 self.queue.defer(claimed, tuple(deferred),
-                                 _attempt(deferred_reply), until)
+                                 _attempt(decision.deferred_reply),
+                                 decision.until)
             elif not failed:
                 self.queue.done(claimed)
         except OSError as e:
@@ -347,28 +328,38 @@ class Processor:
             log.error('%r: cannot record the outcome of %s (%s): released '
                       'for another attempt after %s', self,
                       printable(message.name), printable(str(e)),
-                      _stamp(until))
-            self.queue.release(claimed, sent + recorded, until)
-            failed, deferred = {a: failed[a] for a in recorded}, {}
+                      _stamp(decision.until))
+            self.queue.release(claimed, decision.sent + recorded,
+                               decision.until)
+            return dataclasses.replace(
+                decision, deferred={},
+                failed={a: failed[a] for a in recorded})
+        return decision
+
+    def _announce(self, message, message_id, decision):
+        """Log ``decision`` and notify its events."""
         about = message_id, message.fromaddr
         where = self.name, message.name
         # A queue file may come from anywhere: escape what a log line shows.
         shown = printable(message_id)
-        if sent:
-            log.info('%r: sent %s to %s', self, shown, _listed(sent))
-            self._notify(MailSentEvent(*about, sent, *where))
-        if failed:
+        if decision.sent:
+            log.info('%r: sent %s to %s', self, shown, _listed(decision.sent))
+            self._notify(MailSentEvent(*about, decision.sent, *where))
+        if decision.failed:
+            reply = decision.failed_reply
             log.error('%r: %s failed for %s: %s', self, shown,
-                      _listed(failed), printable(failed_reply[1]))
-            self._notify(MailFailedEvent(*about, tuple(failed), *where,
-                                         failed_reply))
-        if deferred:
+                      _listed(decision.failed), printable(reply[1]))
+            self._notify(MailFailedEvent(*about, tuple(decision.failed),
+                                         *where, reply))
+        if decision.deferred:
+            reply = decision.deferred_reply
             log.warning('%r: %s deferred for %s until %s: %s', self,
-                        shown, _listed(deferred),
-                        time.strftime('%H:%M:%S', time.localtime(until)),
-                        printable(deferred_reply[1]))
-            self._notify(MailDeferredEvent(*about, tuple(deferred), *where,
-                                           deferred_reply))
+                        shown, _listed(decision.deferred),
+                        time.strftime('%H:%M:%S',
+                                      time.localtime(decision.until)),
+                        printable(reply[1]))
+            self._notify(MailDeferredEvent(*about, tuple(decision.deferred),
+                                           *where, reply))
 
     def _notify(self, event):
         try:
@@ -385,14 +376,6 @@ _UNREADABLE = {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR,
 
 def _listed(addresses):
     return printable(', '.join(addresses))
-
-
-def _summary(refused):
-    replies = list(dict.fromkeys(refused.values()))
-    if len(replies) == 1:
-        return replies[0]
-    return (replies[0][0], '; '.join(f'{a}: {c} {t}' if c else f'{a}: {t}'
-                                     for a, (c, t) in refused.items()))
 
 
 def _stamp(seconds):

@@ -1,0 +1,89 @@
+"""What one delivery attempt means for each recipient: sent, deferred until
+a later attempt, or failed for good.
+
+`decide` is a pure function of what the mailer said and how long the
+message has waited; it reads no clock and touches no queue.  The processor
+records its `Decision` in the queue, then logs it and notifies events.
+Which replies are permanent is said once, in `mailout.replies`.
+"""
+import dataclasses
+
+from mailout.replies import is_permanent
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a deferred message again, and when to give up.
+
+    The defaults are Postfix's (minimal_backoff_time, maximal_backoff_time,
+    maximal_queue_lifetime), within RFC 5321 section 4.5.4.1.
+    """
+    min_backoff: float = 300
+    max_backoff: float = 4000
+    max_lifetime: float = 5 * 24 * 3600
+
+    def next_attempt(self, attempts, now):
+        """When to try again after ``attempts`` attempts, the last at
+        ``now``: the backoff doubles from ``min_backoff`` up to
+        ``max_backoff``."""
+        return now + min(self.max_backoff,
+                         self.min_backoff * 2 ** max(attempts - 1, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The outcome of one attempt, recipient by recipient.
+
+    ``deferred`` and ``failed`` map an address to the ``(code, text)``
+    reply that put it there.  ``until`` is when to try again; the processor
+    needs it also when nothing is deferred, to release a message whose
+    outcome it cannot record.
+    """
+    sent: tuple         # addresses that accepted the message
+    deferred: dict      # address -> reply: worth another attempt at `until`
+    failed: dict        # address -> reply: never to be tried again
+    until: float        # seconds since the epoch
+
+    @property
+    def deferred_reply(self):
+        """One reply that tells of every deferred recipient, or None."""
+        return summary(self.deferred) if self.deferred else None
+
+    @property
+    def failed_reply(self):
+        """One reply that tells of every failed recipient, or None."""
+        return summary(self.failed) if self.failed else None
+
+
+def decide(toaddrs, refused, previous_attempts, queued_at, now,
+           policy=RetryPolicy()):
+    """Decide what an attempt to send to ``toaddrs`` means.
+
+    ``refused`` maps each recipient the mailer did not deliver to to its
+    ``(code, text)`` reply (``code`` None for a failure with no reply);
+    ``previous_attempts`` counts the attempts before this one, which ended
+    at ``now``; ``queued_at`` is when the message was queued (None if
+    unknown: then it counts as new).  A 5xx reply fails its recipient; any
+    other defers it, unless the message has been in the queue for
+    ``policy.max_lifetime``: then it fails too, its reply saying so.
+    """
+    sent = tuple(a for a in toaddrs if a not in refused)
+    failed = {a: r for a, r in refused.items() if is_permanent(r)}
+    deferred = {a: r for a, r in refused.items() if a not in failed}
+    age = now - (queued_at or now)
+    if deferred and age >= policy.max_lifetime:
+        failed.update((a, (r[0], f'{r[1]} (gave up after {int(age)}s in '
+                              f'the queue)')) for a, r in deferred.items())
+        deferred = {}
+    until = policy.next_attempt(previous_attempts + 1, now)
+    return Decision(sent, deferred, failed, until)
+
+
+def summary(refused):
+    """One ``(code, text)`` reply for the replies of ``refused``: the reply
+    if all share it, else each address with its own (the first code)."""
+    replies = list(dict.fromkeys(refused.values()))
+    if len(replies) == 1:
+        return replies[0]
+    return (replies[0][0], '; '.join(f'{a}: {c} {t}' if c else f'{a}: {t}'
+                                     for a, (c, t) in refused.items()))
