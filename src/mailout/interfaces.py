@@ -17,7 +17,8 @@ What mailout promises (each is proved by the test suite):
    directories 0700.
 
 The delivery and mailer interfaces are zope.sendmail's, so code written for
-zope.sendmail works unchanged.
+zope.sendmail works unchanged; `IMailoutMailer` adds to `IMailer` what
+mailout's deliveries need of a mailer.
 """
 from zope.interface import Attribute
 from zope.interface import Interface
@@ -25,6 +26,99 @@ from zope.sendmail.interfaces import IDirectMailDelivery  # noqa: F401
 from zope.sendmail.interfaces import IMailDelivery  # noqa: F401
 from zope.sendmail.interfaces import IMailer  # noqa: F401
 from zope.sendmail.interfaces import IQueuedMailDelivery  # noqa: F401
+
+
+class IMailoutMailer(IMailer):
+    """What mailout's deliveries and processors ask of a mailer: zope.sendmail's
+    `IMailer`, with what ``send`` returns and raises written down, ``close``
+    and ``probe``.
+
+    A mailer knows nothing of transactions and queues: it hands one message
+    to the next hop now, or says why not.  Many threads call one mailer at
+    once (a queued delivery's sender threads); it may keep a connection per
+    thread open between messages.  A process that forks must not let the
+    child use the parent's connections.
+
+    ``vote`` and ``abort`` (zope.sendmail's) are no-ops for every mailer of
+    mailout: there is nothing to check before sending nor to undo.
+    """
+
+    name = Attribute("The mailer's name: its section name in the "
+                     "configuration and its IMailer utility name.")
+
+    smtputf8 = Attribute(
+        "True if this mailer may be given non-ASCII (SMTPUTF8, RFC 6531) "
+        "addresses.  ``send()`` of a delivery refuses them otherwise, before "
+        "anything is queued.  A mailer that says True and then finds the "
+        "next hop cannot take them raises `PermanentDeliveryError`.")
+
+    def send(fromaddr, toaddrs, message, all_or_none=False):
+        """Hand one message to the next hop; return the refused recipients.
+
+        ``fromaddr`` is the envelope sender and ``toaddrs`` a non-empty
+        sequence of envelope recipients, both validated already (str, no
+        CR/LF, ASCII unless `smtputf8`).  ``message`` is the message as
+        bytes, with CRLF line endings and no line over 998 bytes.
+
+        The return value is ``{address: (code, text)}`` of the recipients the
+        next hop refused while it took the message for the others: an empty
+        dict when every recipient has it.  ``code`` is the server's reply
+        code, or None for a refusal with no reply (the connection was lost
+        after some recipients were answered); `mailout.replies.is_permanent`
+        says which of them to give up on.  A recipient in the result did not
+        get the message; every other one did.  When every recipient is
+        refused the result names them all and nothing was sent.
+
+        With ``all_or_none`` (what a direct delivery asks for) the message is
+        sent to nobody when any recipient is refused: the result then names
+        the refused ones and nothing was sent.
+
+        Raises `TransientDeliveryError` when nobody got the message and a
+        later try may succeed (a 4xx reply, no relay reachable, a timeout,
+        a TLS or AUTH failure), and `PermanentDeliveryError` when nobody got
+        it and no later try can succeed (a 5xx reply).  The error's
+        ``reply`` is ``(code, text)``; its text names no secret.
+
+        The one case in which a recipient may get the message twice: the
+        connection is lost after the message was sent and before the reply
+        to it (RFC 1047); then ``send`` raises `TransientDeliveryError` and
+        the caller tries again.
+        """
+
+    def close():
+        """End the calling thread's connection, if any (politely: QUIT).
+
+        Never raises.  The next ``send`` of this thread opens a new one.
+        """
+
+    def probe(timeout=None):
+        """Try each destination as ``send`` would reach it, sending nothing.
+
+        For an SMTP or LMTP mailer that is: connect, greet, STARTTLS and
+        AUTH as configured, then QUIT, to every configured relay in the
+        configured order (whether or not it rests after a failure; probing
+        changes no rotation state).  ``timeout`` (seconds) replaces the
+        configured timeout for this probe; None keeps it.
+
+        Returns a list with one dict per destination, in configuration
+        order, each with these keys (every key always present; values are
+        plain str, int, float, bool or None, so the list is JSON-ready)::
+
+            host     the relay's host name or address, or an LMTP server's
+                     unix socket path (str)
+            port     its port (int), None for a unix socket
+            ok       True if the whole session set-up succeeded
+            server   the name the server gave in its EHLO/LHLO reply, or
+                     None (failed, or the server gave none)
+            tls      the TLS version negotiated ('TLSv1.3'), None without
+            auth     the user name authenticated as, None without AUTH
+            error    why it failed (text without secrets), None if ok
+            seconds  how long the probe of this destination took (float)
+
+        An empty list means the mailer has nothing it can check without
+        sending a message (the sendmail program, memory).  Never raises for
+        a destination that fails: that is a result with ``ok`` False.
+        """
 
 
 class IMailEvent(Interface):

@@ -12,6 +12,7 @@ be at most `MAX_REPLY_SIZE` bytes; a relay that stalls, trickles or does
 not stop replying is rested like one that timed out.
 """
 import base64
+import dataclasses
 import functools
 import hmac
 import itertools
@@ -27,7 +28,7 @@ import time
 
 from zope.interface import implementer
 
-from mailout.interfaces import IMailer
+from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
 from mailout.replies import delivery_error
@@ -40,12 +41,14 @@ log = logging.getLogger(__name__)
 MAX_REPLY_SIZE = 64 * 1024
 
 
-@implementer(IMailer)
+@implementer(IMailoutMailer)
 class Mailer:
     """What every mailer shares: zope.sendmail's IMailer asks for ``vote``
     and ``abort``, and there is nothing to check before sending nor to
-    undo; ``close`` ends the calling thread's connection, if any."""
+    undo; ``close`` ends the calling thread's connection, if any; ``probe``
+    has nothing to check."""
 
+    name = None
     smtputf8 = False
 
     def vote(self, fromaddr, toaddrs, message):
@@ -56,6 +59,9 @@ class Mailer:
 
     def close(self):
         pass
+
+    def probe(self, timeout=None):
+        return []
 
 
 class SMTPMailer(Mailer):
@@ -213,12 +219,34 @@ class SMTPMailer(Mailer):
                           for r, (_, why) in self._down.items()]
         raise TransientDeliveryError((None, '; '.join(errors)))
 
-    def connect(self, host, port):
+    def probe(self, timeout=None):
+        settings = self.settings if timeout is None else \
+            dataclasses.replace(self.settings, timeout=timeout)
+        results = []
+        for host, port in self.settings.relays:
+            result = dict(host=host, port=port, ok=False, server=None,
+                          tls=None, auth=None, error=None)
+            started = time.monotonic()
+            try:
+                connection = self.connect(host, port, settings)
+            except TransientDeliveryError as e:
+                result['error'] = e.reply[1]
+            else:
+                result.update(ok=True, **_negotiated(connection, settings))
+                try:
+                    connection.quit()
+                except (smtplib.SMTPException, OSError):
+                    connection.close()
+            result['seconds'] = round(time.monotonic() - started, 3)
+            results.append(result)
+        return results
+
+    def connect(self, host, port, settings=None):
         """A new connection to one relay: greeted, encrypted and
         authenticated as configured (the caller closes it).  Raises
         `TransientDeliveryError` saying what failed."""
         try:
-            return self._open(host, port)
+            return self._open(host, port, settings or self.settings)
         except smtplib.SMTPAuthenticationError as e:
             reason = f'AUTH failed: {e.smtp_code} {_text(e.smtp_error)}'
         except (smtplib.SMTPException, OSError, ValueError) as e:
@@ -245,8 +273,7 @@ class SMTPMailer(Mailer):
                 self._down[relay] = (time.monotonic()
                                      + self.settings.down_time, reason)
 
-    def _open(self, host, port):
-        s = self.settings
+    def _open(self, host, port, s):
         context = self._tls_context if s.tls != 'none' else None
         local_hostname = s.local_hostname or _fqdn()
         if s.tls == 'ssl':
@@ -298,6 +325,17 @@ def _warn_if_exposed(path):
     if mode & 0o077:
         log.warning('password-file %s is open to group or others (mode '
                     '0%o): chmod 600 it', path, mode)
+
+
+def _negotiated(connection, settings):
+    """What a connection's session set-up achieved, for `probe`."""
+    greeting = (connection.ehlo_resp or b'').decode('utf-8', 'replace')
+    sock = connection.sock
+    return {
+        'server': greeting.split('\n', 1)[0].split(' ', 1)[0] or None,
+        'tls': sock.version() if isinstance(sock, ssl.SSLSocket) else None,
+        'auth': getattr(settings, 'username', None),
+    }
 
 
 def _address(relay):
@@ -490,11 +528,11 @@ class LMTPMailer(SMTPMailer):
     def __repr__(self):
         return f'<LMTPMailer {self.name!r} {self.settings.destination}>'
 
-    def _open(self, host, port):
+    def _open(self, host, port, settings):
         # smtplib.LMTP takes a path starting with "/" as a unix socket.
         connection = _LMTP(host, port or 0,
-                           local_hostname=self.settings.local_hostname
-                           or _fqdn(), timeout=self.settings.timeout)
+                           local_hostname=settings.local_hostname
+                           or _fqdn(), timeout=settings.timeout)
         try:
             connection.ehlo_or_helo_if_needed()     # LHLO
         except BaseException:

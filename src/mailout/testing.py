@@ -46,9 +46,10 @@ class SentMessage:
 class MemoryMailer(Mailer):
     """An IMailer that keeps what it is given in ``sent``."""
 
-    def __init__(self, smtputf8=False):
+    def __init__(self, smtputf8=False, name='memory'):
         self.sent = []
         self.smtputf8 = smtputf8
+        self.name = name
 
     def send(self, fromaddr, toaddrs, message, all_or_none=False):
         self.sent.append((fromaddr, tuple(toaddrs), message))
