@@ -17,15 +17,18 @@ def build_mailer(settings):
     return MAILERS[type(settings)](settings)
 
 
-def build_delivery(settings, mailer):
+def build_delivery(settings, mailer, processor=True):
     """The delivery of ``settings``; a queued one comes with its processor
-    (``delivery.processor``, not started) when ``processor`` is on."""
+    (``delivery.processor``, not started) when ``processor`` is on in the
+    settings and not turned off here (``processor=False``: the mailout
+    command runs processors of its own, and a commit of its ``send`` must
+    start none)."""
     if isinstance(settings, config.DirectDeliverySettings):
         return DirectDelivery(settings.name, mailer,
                               max_message_size=settings.max_message_size)
     delivery = QueuedDelivery(settings.name, mailer, settings.queue_path,
                               max_message_size=settings.max_message_size)
-    if settings.processor:
+    if settings.processor and processor:
         delivery.processor = build_processor(settings, delivery.queue, mailer)
     return delivery
 
@@ -40,9 +43,10 @@ def build_processor(settings, queue, mailer):
                                        settings.max_lifetime))
 
 
-def build_all(settings):
-    """``(mailers, deliveries)`` by name for a `config.MailoutSettings`."""
+def build_all(settings, processors=True):
+    """``(mailers, deliveries)`` by name for a `config.MailoutSettings`;
+    ``processors=False``: no delivery gets a processor."""
     mailers = {name: build_mailer(s) for name, s in settings.mailers.items()}
-    deliveries = {name: build_delivery(s, mailers[s.mailer])
+    deliveries = {name: build_delivery(s, mailers[s.mailer], processors)
                   for name, s in settings.deliveries.items()}
     return mailers, deliveries

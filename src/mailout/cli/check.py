@@ -1,0 +1,142 @@
+"""``mailout check``: load the configuration, reach every relay, check the
+queue directories; send nothing."""
+import dataclasses
+import ssl
+import time
+
+from mailout.cli.base import FAILED
+from mailout.cli.base import OK
+from mailout.cli.base import Command
+from mailout.cli.base import Result
+from mailout.cli.base import config_error
+from mailout.cli.base import n
+from mailout.cli.base import queued
+from mailout.cli.base import require_config
+from mailout.cli.base import seconds_argument
+from mailout.message import printable
+
+
+class Check(Command):
+    name = 'check'
+    help = 'validate the configuration and reach every relay'
+    description = (
+        'Load CONFIG, then connect to each relay of each SMTP mailer (EHLO, '
+        'STARTTLS, AUTH as configured) without sending anything, and check '
+        'that queue directories are writable.  Exit 1 if anything failed.')
+
+    def add_arguments(self, parser):
+        parser.add_argument('--timeout', type=seconds_argument,
+                            metavar='SECONDS',
+                            help="per relay (default: the mailer's timeout)")
+
+    def run(self, args):
+        import ZConfig
+
+        from mailout import config
+        from mailout.queue import area_problems
+        path = require_config(args)
+        result = {'ok': True, 'config': {'path': path}, 'mailers': [],
+                  'queues': []}
+        try:
+            settings, source = config.load_any(path)
+        except (ZConfig.ConfigurationError, ImportError) as e:
+            result['ok'] = False
+            result['config'].update(ok=False, error=config_error(path, e))
+            return Result(result, FAILED)
+        result['config'].update(
+            ok=True, source=source, mailers=sorted(settings.mailers),
+            deliveries=sorted(settings.deliveries))
+        for name, mailer_settings in settings.mailers.items():
+            checked = _mailer(name, mailer_settings, args.timeout)
+            result['mailers'].append(checked)
+            if not all(relay['ok'] for relay in checked['relays']):
+                result['ok'] = False
+        for names, queue_path in queued(settings, required=False):
+            problem = '; '.join(area_problems(queue_path)) or None
+            result['queues'].append({'deliveries': names, 'path': queue_path,
+                                     'ok': problem is None, 'error': problem})
+            if problem:
+                result['ok'] = False
+        return Result(result, OK if result['ok'] else FAILED)
+
+    def text(self, result):
+        data = result.data
+        cfg = data['config']
+        if not cfg['ok']:
+            print(f"configuration FAILED: {printable(cfg['error'])}")
+            print('check FAILED')
+            return
+        print(f"configuration {cfg['source']}: ok "
+              f"({n(len(cfg['mailers']), 'mailer')}, "
+              f"{n(len(cfg['deliveries']), 'delivery', 'deliveries')})")
+        for mailer in data['mailers']:
+            print(f"mailer {mailer['name']}")
+            if not mailer.get('checked', True):
+                print('  not an SMTP mailer: not checked')
+            for relay in mailer['relays']:
+                print(f"  {relay['host']}:{relay['port']}  {_relay(relay)}")
+        for queue in data['queues']:
+            print(f"queue {', '.join(queue['deliveries'])}  {queue['path']}  "
+                  + ('ok' if queue['ok'] else f"FAILED: {queue['error']}"))
+        failed = sum(not r['ok'] for m in data['mailers']
+                     for r in m['relays']) + sum(not q['ok']
+                                                 for q in data['queues'])
+        print('check ' + ('ok' if data['ok']
+                          else f"FAILED ({n(failed, 'problem')})"))
+
+
+def _relay(relay):
+    """``ok: EHLO name, TLS (TLSv1.3), AUTH as user  (12 ms)`` or
+    ``FAILED: why``."""
+    if not relay['ok']:
+        return f"FAILED: {printable(relay['error'])}"
+    done = [f"EHLO {relay['server']}" if relay['server'] else 'EHLO']
+    if relay['tls']:
+        done.append(f"TLS ({relay['tls']})")
+    if relay['auth']:
+        done.append(f"AUTH as {relay['auth']}")
+    return f"ok: {', '.join(done)}  ({relay['seconds'] * 1000:.0f} ms)"
+
+
+def _mailer(name, settings, timeout):
+    """What checking the relays of one mailer found."""
+    from mailout import factories
+    from mailout.interfaces import DeliveryError
+    checked = {'name': name, 'relays': []}
+    relays = getattr(settings, 'relays', None)
+    if relays is None:
+        checked['checked'] = False
+        return checked
+    if timeout:
+        settings = dataclasses.replace(settings, timeout=timeout)
+    mailer = factories.build_mailer(settings)
+    for host, port in relays:
+        relay = {'host': host, 'port': port}
+        started = time.monotonic()
+        try:
+            connection = mailer.connect(host, port)
+        except DeliveryError as e:
+            text = e.reply[1]
+            prefix = f'{host}:{port}: '
+            relay.update(ok=False, error=text[len(prefix):]
+                         if text.startswith(prefix) else text)
+        else:
+            relay.update(ok=True, **_session(connection, settings))
+            try:
+                connection.quit()
+            except Exception:
+                connection.close()
+        relay['seconds'] = round(time.monotonic() - started, 3)
+        checked['relays'].append(relay)
+    return checked
+
+
+def _session(connection, settings):
+    """What a successful connection negotiated."""
+    greeting = (connection.ehlo_resp or b'').decode('utf-8', 'replace')
+    sock = connection.sock
+    return {
+        'server': greeting.split('\n', 1)[0].split(' ', 1)[0] or None,
+        'tls': sock.version() if isinstance(sock, ssl.SSLSocket) else None,
+        'auth': getattr(settings, 'username', None),
+    }

@@ -1,0 +1,451 @@
+"""``mailout queue status|list|show|retry|purge``: inspect and repair the
+queues of the queued deliveries.  Everything about queue files is the
+queue's (`mailout.queue.Queue`); this module asks it and prints."""
+import argparse
+import email.parser
+import email.policy
+import os
+import sys
+import time
+
+from mailout.cli.base import FAILED
+from mailout.cli.base import OK
+from mailout.cli.base import USAGE
+from mailout.cli.base import Command
+from mailout.cli.base import CommandError
+from mailout.cli.base import Group
+from mailout.cli.base import Result
+from mailout.cli.base import age
+from mailout.cli.base import load_settings
+from mailout.cli.base import n
+from mailout.cli.base import queued
+from mailout.cli.base import relative
+from mailout.cli.base import stamp
+from mailout.cli.base import when
+from mailout.message import printable
+
+AREA_NAMES = {'new': 'waiting', 'cur': 'in progress',
+              'deferred': 'deferred', 'failed': 'failed'}
+
+
+class QueueCommand(Command):
+    group = 'queue'
+    writable = False    # inspection only reads; retry and purge do not
+
+    def add_arguments(self, parser):
+        parser.add_argument('-d', '--delivery', metavar='NAME',
+                            help='only the queue of this queued delivery')
+
+    def queues(self, args):
+        """``(source, [(names, path, queue)])``; ``queue`` is None where
+        nothing was ever queued."""
+        settings, source = load_settings(args)
+        return source, [(names, path, _open_queue(path, self.writable))
+                        for names, path in queued(settings, args.delivery)]
+
+
+def _open_queue(path, writable):
+    """The Queue at ``path``, or None if it does not exist yet (nothing was
+    ever queued there; not created here, so that an operator running as
+    another user leaves no directory behind)."""
+    from mailout.queue import Queue
+    if not os.path.isdir(os.path.join(path, 'new')):
+        return None
+    return Queue(path, writable=writable)
+
+
+def _find(queues, wanted):
+    """``(names, queue, name)`` of the one message whose name is ``wanted``
+    or contains it."""
+    matches = []
+    for names, path, queue in queues:
+        if queue is None:
+            continue
+        found = queue.message_names()
+        if wanted in found:
+            return names, queue, wanted
+        matches += [(names, queue, name) for name in sorted(found)
+                    if wanted in name]
+    if not matches:
+        raise CommandError(FAILED, f'no message {wanted!r} in '
+                           + ', '.join(path for _, path, _ in queues))
+    if len(matches) > 1:
+        shown = printable(', '.join(m[2] for m in matches[:5]))
+        raise CommandError(USAGE, f'{wanted!r} matches {len(matches)} '
+                           f'messages: {shown}'
+                           + (', ...' if len(matches) > 5 else ''))
+    return matches[0]
+
+
+def _entry(entry, now):
+    """What the result of a command says about one `mailout.queue.Entry`.
+    """
+    data = {
+        'id': entry.name, 'area': entry.area, 'file': entry.filename,
+        'queued_at': when(entry.queued_at),
+        'age': None if entry.queued_at is None
+        else round(now - entry.queued_at, 3),
+        'size': entry.size, 'from': entry.fromaddr,
+        'to': list(entry.toaddrs), 'attempts': list(entry.attempts),
+        'error': entry.error,
+    }
+    if entry.area == 'deferred':
+        data['next_attempt'] = when(entry.mtime)
+    elif entry.area == 'failed':
+        data['failed_at'] = when(entry.mtime)
+    elif entry.area == 'cur':
+        if entry.claimed_by:
+            host, pid = entry.claimed_by
+            data['claimed_by'] = {'host': host, 'pid': pid}
+    return data
+
+
+class Status(QueueCommand):
+    name = 'status'
+    help = 'counts, oldest message, last error'
+    description = (
+        'Per queue: messages waiting (new/), in progress (cur/), deferred, '
+        'failed; the age of the oldest message not yet settled; the next '
+        'retry; and the newest attempt line of a deferred or failed '
+        'message.')
+
+    def run(self, args):
+        source, queues = self.queues(args)
+        now = time.time()
+        result = []
+        for names, path, queue in queues:
+            status = queue.status(now) if queue is not None else {
+                'waiting': 0, 'in_progress': 0, 'deferred': 0, 'failed': 0,
+                'oldest_age': None, 'next_attempt': None, 'last_error': None}
+            result.append({'deliveries': names, 'path': path,
+                           'exists': queue is not None, **status,
+                           'next_attempt': when(status['next_attempt'])})
+        return Result({'ok': True, 'config': source, 'queues': result},
+                      now=now)
+
+    def text(self, result):
+        for q in result.data['queues']:
+            print(f"{', '.join(q['deliveries'])}  {q['path']}"
+                  + ('' if q['exists'] else '  (not created yet)'))
+            print(f"  waiting      {q['waiting']}")
+            print(f"  in progress  {q['in_progress']}")
+            print(f"  deferred     {q['deferred']}" + (
+                f"  (next attempt {relative(q['next_attempt'], result.now)})"
+                if q['next_attempt'] else ''))
+            print(f"  failed       {q['failed']}")
+            oldest = q['oldest_age']
+            print('  oldest       '
+                  + (age(oldest) if oldest is not None else '-'))
+            print(f"  last error   {printable(q['last_error'] or '-')}")
+
+
+class List(QueueCommand):
+    name = 'list'
+    help = 'list queued messages'
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        areas = parser.add_mutually_exclusive_group()
+        areas.add_argument('--failed', action='store_const', dest='area',
+                           const='failed', help='only failed messages')
+        areas.add_argument('--deferred', action='store_const', dest='area',
+                           const='deferred', help='only deferred messages')
+
+    def run(self, args):
+        source, queues = self.queues(args)
+        now = time.time()
+        areas = (args.area,) if args.area else ('new', 'cur', 'deferred',
+                                                'failed')
+        result = []
+        for names, path, queue in queues:
+            entries = [e for area in areas for e in queue.entries(area)] \
+                if queue is not None else []
+            result.append({'deliveries': names, 'path': path,
+                           'messages': [_entry(e, now) for e in entries]})
+        return Result({'ok': True, 'config': source, 'area': args.area,
+                       'queues': result}, now=now)
+
+    def text(self, result):
+        what = (result.data['area'] or 'queued') + ' message'
+        for q in result.data['queues']:
+            print(f"{', '.join(q['deliveries'])}  {q['path']}: "
+                  f"{n(len(q['messages']), what)}")
+            for data in q['messages']:
+                print(_line(data, result.now))
+
+
+def _line(data, now):
+    """The lines of one message in ``mailout queue list``."""
+    queued_for = '' if data['queued_at'] is None \
+        else f"  {age(now - data['queued_at'])}"
+    head = f"  {printable(data['id'])}  {AREA_NAMES[data['area']]}{queued_for}"
+    if data['from'] is None:
+        return f"{head}\n      unreadable: {printable(data['error'])}"
+    line = (f"{head}  {printable(data['from'])} -> "
+            f"{printable(', '.join(data['to']))}"
+            f"  ({n(len(data['attempts']), 'attempt')})")
+    details = []
+    if data['area'] == 'deferred':
+        details.append(f"next attempt {relative(data['next_attempt'], now)}")
+    if data['attempts']:
+        details.append(f"last: {printable(data['attempts'][-1])}")
+    return line + (f"\n      {'; '.join(details)}" if details else '')
+
+
+class Show(QueueCommand):
+    name = 'show'
+    help = 'envelope, attempts and headers of one message'
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        parser.add_argument('id', metavar='ID')
+
+    def run(self, args):
+        _, queues = self.queues(args)
+        names, queue, name = _find(queues, args.id)
+        now = time.time()
+        copies = []
+        for entry in queue.locate(name):
+            data = _entry(entry, now)
+            data['headers'] = _headers(entry.message) \
+                if entry.message is not None else None
+            copies.append(data)
+        if not copies:
+            raise CommandError(FAILED, f'{name} left the queue meanwhile')
+        return Result({'ok': True, 'deliveries': names, 'path': queue.path,
+                       'id': name, 'copies': copies}, now=now)
+
+    def text(self, result):
+        shown = result.data
+        print(f"id        {printable(shown['id'])}")
+        print(f"queue     {', '.join(shown['deliveries'])}  {shown['path']}")
+        first = shown['copies'][0]
+        if first['queued_at']:
+            print(f"queued    {stamp(first['queued_at'])} "
+                  f"({age(first['age'])} ago)")
+        for data in shown['copies']:
+            print(f"\n{AREA_NAMES[data['area']]}  ({printable(data['file'])}"
+                  f", {data['size']} bytes)")
+            if data.get('next_attempt'):
+                print(f"  next attempt  {stamp(data['next_attempt'])}")
+            if data.get('failed_at'):
+                print(f"  failed at     {stamp(data['failed_at'])}")
+            if data.get('claimed_by'):
+                c = data['claimed_by']
+                print(f"  claimed by    pid {c['pid']} on "
+                      f"{printable(c['host'])}")
+            if data['error']:
+                print(f"  error         {printable(data['error'])}")
+            if data['from'] is not None:
+                print(f"  from          {printable(data['from'])}")
+                for i, to in enumerate(data['to']):
+                    print(f"  {'to' if not i else '':14}{printable(to)}")
+            for i, attempt in enumerate(data['attempts']):
+                print(f"  {'attempts' if not i else '':14}"
+                      f"{printable(attempt)}")
+            if data['headers']:
+                print('  headers')
+                for key, value in data['headers']:
+                    print(f'    {printable(key)}: {printable(value)}')
+
+
+def _headers(message):
+    head = message.split(b'\r\n\r\n', 1)[0] + b'\r\n\r\n'
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32) \
+        .parsebytes(head)
+    return [[key, ' '.join(str(value).split())]
+            for key, value in parsed.items()]
+
+
+class Retry(QueueCommand):
+    name = 'retry'
+    help = 'try failed or deferred messages again now'
+    description = (
+        'Move messages from failed/ or deferred/ back to new/; a running '
+        'processor takes them within its poll-interval ("mailout process '
+        '--once" delivers them at once).  A failed message that failed for '
+        'its age (max-lifetime) fails again at its next transient error.')
+    writable = True
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument('id', metavar='ID', nargs='?')
+        which.add_argument('--all-failed', action='store_true',
+                           help='every failed message')
+        which.add_argument('--all-deferred', action='store_true',
+                           help='every deferred message')
+
+    def run(self, args):
+        from mailout.queue import QueueError
+        _, queues = self.queues(args)
+        if args.id:
+            names, queue, name = _find(queues, args.id)
+            areas = [e.area for e in queue.locate(name)]
+            todo = [(queue, name, area) for area in ('deferred', 'failed')
+                    if area in areas]
+            if not todo:
+                raise CommandError(FAILED, f'{name} is not failed or '
+                                           f'deferred (it is in '
+                                           f'{", ".join(areas)}/)')
+        else:
+            area = 'failed' if args.all_failed else 'deferred'
+            todo = [(queue, e.name, area) for names, _, queue in queues
+                    if queue is not None for e in queue.entries(area)]
+        done, errors = [], []
+        for queue, name, area in todo:
+            try:
+                area, new_name = queue.retry(name, area)
+            except QueueError as e:
+                errors.append({'id': name, 'path': queue.path,
+                               'error': str(e)})
+            else:
+                done.append({'id': name, 'path': queue.path, 'from': area,
+                             'new_id': new_name})
+        return Result({'ok': not errors, 'retried': done, 'errors': errors},
+                      FAILED if errors else OK)
+
+    def text(self, result):
+        done, errors = result.data['retried'], result.data['errors']
+        for d in done:
+            print(f"{printable(d['id'])}: {d['from']}/ -> new/"
+                  + (f" as {printable(d['new_id'])}"
+                     if d['new_id'] != d['id'] else ''))
+        for e in errors:
+            print(f"{printable(e['id'])}: not retried: "
+                  f"{printable(e['error'])}", file=sys.stderr)
+        if not done and not errors:
+            print('nothing to retry')
+        elif done:
+            print(f'{len(done)} message(s) back in new/: a running processor '
+                  'takes them within its poll-interval; "mailout process '
+                  '--once" delivers them now')
+
+
+class Purge(QueueCommand):
+    name = 'purge'
+    help = 'delete messages for good'
+    description = (
+        'Delete one message (from new/, deferred/ or failed/; not while it '
+        'is being delivered), or with --failed the failed messages, those '
+        'that failed more than --older-than ago.  Asks on a terminal unless '
+        '--yes; without a terminal and without --yes it refuses (exit 2).')
+    writable = True
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        parser.add_argument('id', metavar='ID', nargs='?')
+        parser.add_argument('--failed', action='store_true',
+                            help='failed messages (all of them, or with ID: '
+                                 'only its failed copy)')
+        parser.add_argument('--older-than', type=_age_argument, metavar='AGE',
+                            help='with --failed: those failed longer ago '
+                                 'than AGE (30s, 12h, 7d, 1d 12h)')
+        parser.add_argument('-y', '--yes', action='store_true',
+                            help='do not ask')
+        parser.add_argument('-n', '--dry-run', action='store_true',
+                            help='show what would be deleted')
+
+    def run(self, args):
+        if args.id and args.older_than is not None:
+            raise CommandError(USAGE, 'give ID or --failed --older-than AGE, '
+                                      'not both')
+        if not args.id and not args.failed:
+            raise CommandError(USAGE, 'give ID, or --failed (with '
+                                      '--older-than AGE)')
+        _, queues = self.queues(args)
+        todo = self._todo(args, queues)
+        listed = [{'id': e.name, 'area': e.area, 'path': queue.path,
+                   'from': e.fromaddr, 'to': list(e.toaddrs),
+                   'last': e.attempts[-1] if e.attempts else e.error}
+                  for queue, e in todo]
+        if not todo or args.dry_run:
+            return Result({'ok': True, 'dry_run': args.dry_run,
+                           'purged': [], 'would_purge': listed})
+        if not args.yes:
+            _confirm(listed)
+        return self._purge(todo, listed)
+
+    def _todo(self, args, queues):
+        """``[(queue, entry)]``: what to delete."""
+        if not args.id:
+            now, older = time.time(), args.older_than or 0
+            return [(queue, e) for _, _, queue in queues if queue is not None
+                    for e in queue.entries('failed') if now - e.mtime > older]
+        names, queue, name = _find(queues, args.id)
+        entries = queue.locate(name)
+        if args.failed:
+            entries = [e for e in entries if e.area == 'failed']
+        busy = [e for e in entries if e.area == 'cur']
+        if busy:
+            raise CommandError(FAILED, f'{name} is being delivered (claimed '
+                                       f'as {busy[0].filename}); try again '
+                                       'when it has settled')
+        if not entries:
+            raise CommandError(FAILED, f'{name} has no failed copy')
+        return [(queue, e) for e in entries]
+
+    def _purge(self, todo, listed):
+        from mailout.queue import QueueError
+        purged, errors = [], []
+        for (queue, entry), item in zip(todo, listed):
+            try:
+                queue.purge(entry.area, entry.name)
+            except QueueError as e:
+                errors.append({**item, 'error': str(e)})
+            else:
+                purged.append(item)
+        return Result({'ok': not errors, 'purged': purged, 'errors': errors},
+                      FAILED if errors else OK)
+
+    def text(self, result):
+        data = result.data
+        if 'would_purge' in data:
+            if not data['would_purge']:
+                print('nothing to purge')
+            for item in data['would_purge']:
+                print(f'would delete {_where(item)}'
+                      + (f": {printable(item['last'])}"
+                         if item['last'] else ''))
+            return
+        for item in data['purged']:
+            print(f'deleted {_where(item)}')
+        for item in data['errors']:
+            print(f"{printable(item['id'])}: not deleted: "
+                  f"{printable(item['error'])}", file=sys.stderr)
+
+
+def _where(item):
+    return f"{printable(item['id'])} ({item['area']}/ of {item['path']})"
+
+
+def _confirm(listed):
+    """Ask on the terminal whether to delete ``listed``."""
+    if not sys.stdin.isatty():
+        raise CommandError(USAGE, f'refusing to delete {len(listed)} '
+                                  'message(s) without --yes: stdin is '
+                                  'not a terminal')
+    for item in listed:
+        print(f'  {_where(item)}', file=sys.stderr)
+    sys.stderr.write(f'delete these {len(listed)} message(s) for good? '
+                     '[y/N] ')
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ('y', 'yes'):
+        raise CommandError(FAILED, 'nothing deleted')
+
+
+def _age_argument(value):
+    from mailout.config import duration
+    try:
+        return duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class QueueGroup(Group):
+    name = 'queue'
+    help = 'inspect and repair queues'
+    description = ('Inspect and repair the queues of the queued deliveries '
+                   'in CONFIG.  A message ID is its file name in the queue '
+                   '(any unique part of it will do).')
+    commands = (Status(), List(), Show(), Retry(), Purge())
