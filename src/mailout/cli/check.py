@@ -1,9 +1,5 @@
 """``mailout check``: load the configuration, reach every relay, check the
 queue directories; send nothing."""
-import dataclasses
-import ssl
-import time
-
 from mailout.cli.base import FAILED
 from mailout.cli.base import OK
 from mailout.cli.base import Command
@@ -99,44 +95,11 @@ def _relay(relay):
 
 
 def _mailer(name, settings, timeout):
-    """What checking the relays of one mailer found."""
+    """What probing the destinations of one mailer found (its `probe`,
+    `mailout.interfaces.IMailoutMailer`)."""
     from mailout import factories
-    from mailout.interfaces import DeliveryError
-    checked = {'name': name, 'relays': []}
-    relays = getattr(settings, 'relays', None)
-    if relays is None:
-        checked['checked'] = False
-        return checked
-    if timeout:
-        settings = dataclasses.replace(settings, timeout=timeout)
-    mailer = factories.build_mailer(settings)
-    for host, port in relays:
-        relay = {'host': host, 'port': port}
-        started = time.monotonic()
-        try:
-            connection = mailer.connect(host, port)
-        except DeliveryError as e:
-            text = e.reply[1]
-            prefix = f'{host}:{port}: '
-            relay.update(ok=False, error=text[len(prefix):]
-                         if text.startswith(prefix) else text)
-        else:
-            relay.update(ok=True, **_session(connection, settings))
-            try:
-                connection.quit()
-            except Exception:
-                connection.close()
-        relay['seconds'] = round(time.monotonic() - started, 3)
-        checked['relays'].append(relay)
+    relays = factories.build_mailer(settings).probe(timeout)
+    checked = {'name': name, 'relays': relays}
+    if not relays:
+        checked['checked'] = False      # nothing to check without sending
     return checked
-
-
-def _session(connection, settings):
-    """What a successful connection negotiated."""
-    greeting = (connection.ehlo_resp or b'').decode('utf-8', 'replace')
-    sock = connection.sock
-    return {
-        'server': greeting.split('\n', 1)[0].split(' ', 1)[0] or None,
-        'tls': sock.version() if isinstance(sock, ssl.SSLSocket) else None,
-        'auth': getattr(settings, 'username', None),
-    }
