@@ -102,7 +102,7 @@ def test_probe_names_each_relay_of_a_farm(sink):
                                'Connection refused',
                       'seconds': failed['seconds']}
     # Not rested: both relays are in turn for the next message.
-    assert len(made._relays_in_turn()) == 2
+    assert len(made.rotation.in_turn()) == 2
 
 
 def test_probe_names_a_bad_password(start_sink):

@@ -1,0 +1,166 @@
+"""The SMTP mailer: relay rotation, session set-up and the mail transaction
+put together, with one kept-open connection per thread."""
+import dataclasses
+import functools
+import os
+import smtplib
+import socket
+import threading
+import time
+
+from mailout.interfaces import TransientDeliveryError
+from mailout.mailers import session
+from mailout.mailers.base import Mailer
+from mailout.mailers.connection import describe
+from mailout.mailers.relays import address
+from mailout.mailers.relays import RelayRotation
+from mailout.mailers.transaction import final_reply
+from mailout.mailers.transaction import Reconnect
+from mailout.mailers.transaction import transact
+
+
+class ThreadConnection(threading.local):
+    """The calling thread's session with a relay, kept open between
+    messages: the connection cache.  A connection whose socket is None was
+    ended (by the transaction or smtplib) and is not reused."""
+
+    connection = None
+    relay = None
+    sent = 0
+
+    def reusable(self, limit):
+        """The open connection, unless it has sent ``limit`` messages (then
+        it is ended) or there is none."""
+        if self.connection is not None and self.sent >= limit:
+            self.end()
+        if self.connection is not None and self.connection.sock is None:
+            self.connection = None
+        return self.connection
+
+    def keep(self, connection, relay):
+        self.connection, self.relay, self.sent = connection, relay, 0
+
+    def end(self):
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            session.end(connection)
+
+
+class SMTPMailer(Mailer):
+    """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured.
+
+    With several relays, new connections go to each in turn; a relay that
+    fails to connect or stalls past the timeout is left alone for
+    ``down-time`` while the others take its share.
+
+    ``send(..., all_or_none=True)`` (what a direct delivery asks for) sends
+    nothing when any recipient is refused at RCPT.
+    """
+
+    #: Reads what the server says after the final dot (LMTP: one reply
+    #: per accepted recipient).
+    final_replies = staticmethod(final_reply)
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.name = settings.name
+        self.smtputf8 = settings.smtputf8
+        self.rotation = RelayRotation(settings.relays, settings.down_time,
+                                      self)
+        self._local = ThreadConnection()
+        os.register_at_fork(after_in_child=self._after_fork)
+        # An LMTP mailer's settings have no password.
+        password_file = getattr(settings, 'password_file', None)
+        if password_file:
+            session.warn_if_exposed(password_file)
+
+    def _after_fork(self):
+        # A forked child must not talk over its parent's connections (the
+        # sockets are shared): forget them without QUIT.
+        self._local = ThreadConnection()
+        self.rotation.after_fork()
+
+    def __repr__(self):
+        relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
+        return f'<SMTPMailer {self.name!r} {relays} tls={self.settings.tls}>'
+
+    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+        args = fromaddr, toaddrs, message, all_or_none
+        local = self._local
+        connection = local.reusable(self.settings.messages_per_connection)
+        if connection is not None:
+            try:
+                return self._transact(*args)
+            except Reconnect:
+                # The server closed the idle connection before MAIL FROM
+                # was accepted: nothing was sent, so try on a new one.
+                self.close()
+        local.keep(*self.rotation.connect(self._connect_to))
+        try:
+            return self._transact(*args)
+        except Reconnect as e:
+            self.close()
+            if isinstance(e.__cause__, TransientDeliveryError):
+                raise e.__cause__ from None
+            raise TransientDeliveryError((None, describe(e.__cause__))) \
+                from None
+
+    def _transact(self, *args):
+        local = self._local
+        local.sent += 1
+        try:
+            return transact(local.connection, *args,
+                            final_replies=self.final_replies)
+        except (smtplib.SMTPException, OSError) as e:
+            # Connection lost or timed out mid-transaction.  If that was
+            # after the final dot, the relay may have the message: RFC 1047's
+            # window, and the one case where a retry can send it twice.
+            self.close()
+            reason = describe(e)
+            if isinstance(e, socket.timeout):   # a stalled relay
+                self.rotation.mark_down(local.relay, reason)
+            raise TransientDeliveryError(
+                (None, f'{address(local.relay)}: {reason}')) from None
+
+    def close(self):
+        self._local.end()
+
+    def probe(self, timeout=None):
+        settings = self.settings if timeout is None else \
+            dataclasses.replace(self.settings, timeout=timeout)
+        results = []
+        for host, port in self.settings.relays:
+            result = dict(host=host, port=port, ok=False, server=None,
+                          tls=None, auth=None, error=None)
+            started = time.monotonic()
+            try:
+                connection = self.connect(host, port, settings)
+            except TransientDeliveryError as e:
+                result['error'] = e.reply[1]
+            else:
+                result.update(ok=True,
+                              **session.negotiated(connection, settings))
+                session.end(connection)
+            result['seconds'] = round(time.monotonic() - started, 3)
+            results.append(result)
+        return results
+
+    def connect(self, host, port, settings=None):
+        """A new session with one relay: greeted, encrypted and
+        authenticated as configured (the caller ends it).  Raises
+        `TransientDeliveryError` saying what failed."""
+        return session.connect(self._open, host, port,
+                               settings or self.settings)
+
+    def _connect_to(self, relay):
+        return self.connect(*relay)
+
+    def _open(self, host, port, settings):
+        context = self._tls_context if settings.tls != 'none' else None
+        return session.open_smtp(host, port, settings, context)
+
+    @functools.cached_property
+    def _tls_context(self):
+        # Built once: loading the CA store costs ~20 ms of CPU.  Threads
+        # may share one context.
+        return session.tls_context(self.settings)
