@@ -1,7 +1,12 @@
-"""The mailout command: each subcommand run as the installed console
-script against real SMTP sinks, queue directories and zope.conf files."""
+"""The mailout command: each subcommand run against real SMTP sinks, queue
+directories and zope.conf files; in this process (``mailout.cli.main``)
+unless a process boundary is under test (the console script itself,
+signals, the daemon, a terminal)."""
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import os
 import pty
 import re
@@ -11,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
 
 from helpers import write_config
+from mailout.cli import main
 from mailout.message import prepare
 from mailout.queue import Queue
 from test_zope import instance  # noqa: F401 (fixtures)
@@ -24,15 +31,48 @@ from test_zope import write_zope_conf
 SCRIPT = os.path.join(os.path.dirname(sys.executable), 'mailout')
 
 
-def mailout(*args, **kw):
+def script(*args, **kw):
     """Run the installed ``mailout`` console script."""
     return subprocess.run([SCRIPT, *args], capture_output=True, text=True,
                           timeout=60, **kw)
 
 
+def mailout(*args, env=None, stdin=None):
+    """Run ``mailout ARGS`` in this process, as the console script would
+    (``env`` its environment, ``stdin`` a file descriptor or DEVNULL); what
+    it printed and returned as a `subprocess.CompletedProcess`."""
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    # main() configures logging as in a fresh process: to its stderr.
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = []
+    with contextlib.ExitStack() as stack:
+        if env is not None:
+            stack.enter_context(mock.patch.dict(os.environ, env, clear=True))
+        if stdin is not None:
+            stack.enter_context(mock.patch('sys.stdin', stack.enter_context(
+                open(os.devnull if stdin == subprocess.DEVNULL else stdin,
+                     closefd=stdin == subprocess.DEVNULL))))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            status = main(list(args))
+        except SystemExit as e:         # argparse: --help, usage errors
+            status = e.code
+        finally:
+            for handler in root.handlers:
+                handler.close()
+            root.handlers[:], root.level = handlers, level
+    if isinstance(status, str):         # sys.exit('message')
+        err.write(status + '\n')
+        status = 1
+    return subprocess.CompletedProcess(args, status or 0, out.getvalue(),
+                                       err.getvalue())
+
+
 def test_demo_runs_end_to_end():
     """`mailout demo` commits 3 messages, aborts one, and all 3 arrive."""
-    result = mailout('demo')
+    result = script('demo')
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert 'the SMTP server received 3 message(s)' in out
@@ -547,8 +587,8 @@ def test_queue_purge_asks_on_a_terminal(tmp_path, settled):
         controller, terminal = pty.openpty()
         try:
             os.write(controller, answer)
-            result = mailout('queue', 'purge', '--failed', '-C', settled,
-                             stdin=terminal)
+            result = script('queue', 'purge', '--failed', '-C', settled,
+                            stdin=terminal)
         finally:
             os.close(controller)
             os.close(terminal)
