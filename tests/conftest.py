@@ -1,4 +1,7 @@
-"""Fixtures: real SMTP server processes, certificates, configs, clean-up."""
+"""Fixtures: real SMTP server processes, certificates, configs, clean-up;
+the ``slow`` marker."""
+import os
+
 import pytest
 import transaction
 import zope.component.testing
@@ -6,6 +9,22 @@ import zope.component.testing
 from helpers import Sink
 from helpers import write_config
 from mailout import processor
+
+
+def pytest_addoption(parser):
+    parser.addoption('--slow', action='store_true',
+                     help='also run the tests marked slow (CI=true does)')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the slow tests (the crash loop, the 20,000-message shared
+    queue) unless ``--slow`` is given or CI is set: CI runs everything."""
+    if config.getoption('--slow') or os.environ.get('CI'):
+        return
+    slow = [item for item in items if 'slow' in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if 'slow' not in item.keywords]
 
 
 @pytest.fixture

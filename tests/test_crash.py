@@ -7,8 +7,11 @@ varies), or run ``python tests/crashloop.py --iterations 1000``.
 """
 import os
 
+import pytest
+
 import crashloop
 
+pytestmark = pytest.mark.slow
 ITERATIONS = int(os.environ.get('MAILOUT_CRASH_ITERATIONS', '400'))
 
 
