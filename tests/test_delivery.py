@@ -61,6 +61,20 @@ def test_interfaces(deliveries):
     assert verifyObject(IDirectMailDelivery, deliveries['urgent'])
 
 
+def test_data_manager_and_savepoint_interfaces(deliveries):
+    """The data manager a send() joins, and its savepoints, provide
+    transaction's interfaces."""
+    from transaction.interfaces import IDataManagerSavepoint
+    from transaction.interfaces import ISavepointDataManager
+    delivery = deliveries['default']
+    delivery.send('a@example.org', ['b@example.org'],
+                  'Subject: x\r\n\r\nbody\r\n')
+    data_manager = transaction.get().data(delivery)
+    assert verifyObject(ISavepointDataManager, data_manager)
+    assert verifyObject(IDataManagerSavepoint, data_manager.savepoint())
+    transaction.abort()
+
+
 def test_commit_delivers_envelope_and_bytes(deliveries, sink):
     """A committed message arrives with its envelope and bytes unchanged."""
     data = message(headers='Message-Id: <one@example.org>\n'

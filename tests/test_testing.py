@@ -14,6 +14,12 @@ from mailout.testing import MemoryMailer
 from mailout.testing import mail_outbox  # noqa: F401 (the fixture)
 
 
+def test_memory_delivery_provides_imaildelivery(mail_outbox):
+    """The outbox's delivery is a complete IMailDelivery."""
+    from zope.interface.verify import verifyObject
+    assert verifyObject(IMailDelivery, getUtility(IMailDelivery, 'default'))
+
+
 def test_committed_messages_are_recorded(mail_outbox):
     """A commit records its messages; an abort records nothing."""
     mailout.send('a@example.org', ['b@example.org'],
