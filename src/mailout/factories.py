@@ -14,7 +14,11 @@ MAILERS = {config.SMTPMailerSettings: SMTPMailer,
 
 
 def build_mailer(settings):
-    return MAILERS[type(settings)](settings)
+    """The mailer of ``settings``: one of mailout's, or what the settings of
+    another package's mailer section type name as their ``mailer_factory``
+    (README, "Writing a mailer")."""
+    factory = MAILERS.get(type(settings)) or settings.mailer_factory
+    return factory(settings)
 
 
 def build_delivery(settings, mailer, processor=True):
