@@ -70,8 +70,11 @@ class IMailoutMailer(IMailer):
         refused the result names them all and nothing was sent.
 
         With ``all_or_none`` (what a direct delivery asks for) the message is
-        sent to nobody when any recipient is refused: the result then names
-        the refused ones and nothing was sent.
+        sent to nobody when any recipient is refused before it is sent (at
+        RCPT): the result then names the refused ones and nothing was sent.
+        Refusals that come after the message (an LMTP server answers for
+        each recipient then) are too late for that and are returned as
+        without ``all_or_none``.
 
         Raises `TransientDeliveryError` when nobody got the message and a
         later try may succeed (a 4xx reply, no relay reachable, a timeout,
