@@ -20,6 +20,9 @@ from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
+from test_zope import instance  # noqa: F401 (fixtures)
+from test_zope import template  # noqa: F401
+from test_zope import write_zope_conf
 
 HERE = os.path.dirname(__file__)
 EXAMPLE = os.path.join(HERE, 'mailout_httpapi')
@@ -140,3 +143,25 @@ def test_a_down_host_rests_and_probe_says_so(start_api):
     assert not failed['ok'] and 'ConnectionRefusedError' in failed['error']
     with pytest.raises(DeliveryError):
         configured(down)[0]['api'].send(FROM, [ANN], MESSAGE)
+
+
+def test_zope_conf_imports_the_example(start_api, instance):
+    """In zope.conf, %import of the example's package is enough for its
+    section type inside <mailout mailout>."""
+    port, messages = start_api()
+    conf = write_zope_conf(instance, f'''
+%import mailout_httpapi
+<mailout mailout>
+  <http-api-mailer api>
+    host 127.0.0.1:{port}
+  </http-api-mailer>
+  <direct-delivery default>
+    mailer api
+  </direct-delivery>
+</mailout>
+''')
+    settings, source = config.load_any(conf)
+    assert source == f'{conf}, section <mailout mailout>'
+    mailers, _ = build_all(settings)
+    assert mailers['api'].send(FROM, [ANN], MESSAGE) == {}
+    assert len(messages()) == 1
