@@ -9,7 +9,9 @@ from zope.sendmail.interfaces import IMailer
 
 from mailout import config
 from mailout.interfaces import IMailoutMailer
+from mailout.interfaces import TransientDeliveryError
 from mailout.mailers import LMTPMailer
+from mailout.mailers import RelayRotation
 from mailout.mailers import SendmailMailer
 from mailout.mailers import SMTPMailer
 from mailout.testing import MemoryMailer
@@ -130,3 +132,53 @@ def test_probe_greets_an_lmtp_server(start_sink):
     [result] = made.probe()
     assert result['ok'] and result['port'] == sink.port
     assert set(result) == KEYS
+
+
+# -- relay rotation, as any transport uses it -----------------------------------
+
+A, B, C = ('a.test', 25), ('b.test', 25), ('c.test', 25)
+
+
+def test_rotation_takes_relays_in_turn():
+    """Each new connection starts with the next relay."""
+    rotation = RelayRotation([A, B, C], down_time=60, owner='mailer')
+    firsts = [rotation.connect(lambda relay: relay)[1] for _ in range(4)]
+    assert firsts == [A, B, C, A]
+
+
+def test_rotation_rests_a_relay_that_fails(caplog):
+    """A relay whose open raises TransientDeliveryError rests for
+    down-time while the others take its share; the log names it."""
+    rotation = RelayRotation([A, B], down_time=60, owner='mailer')
+
+    def open(relay):
+        if relay == A:
+            raise TransientDeliveryError((None, 'refused'))
+        return relay
+    assert rotation.connect(open) == (B, B)
+    assert rotation.in_turn() == [B]
+    assert "'mailer': relay a.test:25 marked down for 60s: refused" \
+        in caplog.text
+
+
+def test_rotation_says_why_no_relay_is_up():
+    """When every relay fails, the error names each one's failure; while
+    they rest, why they were marked down."""
+    rotation = RelayRotation([A, B], down_time=60, owner='mailer')
+
+    def open(relay):
+        raise TransientDeliveryError((None, 'refused'))
+    with pytest.raises(TransientDeliveryError) as error:
+        rotation.connect(open)
+    assert str(error.value) == 'a.test:25: refused; b.test:25: refused'
+    with pytest.raises(TransientDeliveryError) as error:
+        rotation.connect(open)
+    assert str(error.value) == ('a.test:25: marked down after: refused; '
+                                'b.test:25: marked down after: refused')
+
+
+def test_rotation_without_down_time_never_rests():
+    """down-time 0: a failed relay is tried again at once."""
+    rotation = RelayRotation([A], down_time=0, owner='mailer')
+    rotation.mark_down(A, 'refused')
+    assert rotation.in_turn() == [A]
