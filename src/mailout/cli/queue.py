@@ -162,8 +162,8 @@ class List(QueueCommand):
                 if queue is not None else []
             result.append({'deliveries': names, 'path': path,
                            'messages': [_entry(e, now) for e in entries]})
-        return Result({'ok': True, 'config': source, 'area': args.area,
-                       'queues': result}, now=now)
+        return Result({'ok': True, 'config': source, 'queues': result,
+                       'area': args.area}, now=now)
 
     def text(self, result):
         what = (result.data['area'] or 'queued') + ' message'
