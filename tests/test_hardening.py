@@ -594,7 +594,7 @@ def test_process_daemon_memory_stays_flat():
     each."""
     import tracemalloc
     import zope.event
-    from mailout.cli import _Tracker
+    from mailout.cli.process import Tracker
     from mailout.processor import MailDeferredEvent
     from mailout.processor import MailSentEvent
 
@@ -604,7 +604,7 @@ def test_process_daemon_memory_stays_flat():
                      'default', f'{i}.queue-name')
             zope.event.notify(MailDeferredEvent(*about, (451, 'later'))
                               if i % 10 == 0 else MailSentEvent(*about))
-    with _Tracker() as tracker:
+    with Tracker() as tracker:
         tracemalloc.start()
         notify(10000)
         before = tracemalloc.get_traced_memory()[0]
@@ -621,10 +621,10 @@ def test_process_daemon_memory_stays_flat():
 def test_one_bad_entry_never_stops_recovery(tmp_path, sink):
     """A directory in tmp/ named like a dead writer's message (unlink
     fails) is skipped: recovery, retries and delivery go on."""
-    from mailout.queue import _HOST
+    from mailout.queue.names import HOST
     delivery, processor, queue = setup(tmp_path / 'queue', sink.port)
     os.mkdir(os.path.join(queue.path, 'tmp', '1700000000000000000.'
-                          f'999999-deadbeef_b_u.{_HOST}'))
+                          f'999999-deadbeef_b_u.{HOST}'))
     delivery.send(FROM, ['ann@example.org'], text('deferred'))
     transaction.commit()
     [name] = queue.waiting()
@@ -646,11 +646,12 @@ def test_a_transient_read_error_is_no_reason_to_fail(tmp_path, sink):
     script = f'''
 import os, resource
 from mailout import queue as queue_module
+from mailout.queue import files
 from mailout.processor import Processor
 queue = queue_module.Queue({queue.path!r})
 claimed = queue.claim(queue.waiting()[0])
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-read = queue_module._read_regular
+read = files.read_regular
 
 def read_while_out_of_descriptors(path, *args):
     hog = []
@@ -664,7 +665,7 @@ def read_while_out_of_descriptors(path, *args):
     finally:            # the pressure passes
         for fd in hog:
             os.close(fd)
-queue_module._read_regular = read_while_out_of_descriptors
+files.read_regular = read_while_out_of_descriptors
 Processor(queue, mailer=None).deliver(claimed)
 '''
     result = subprocess.run([os.sys.executable, '-c', script],

@@ -23,12 +23,11 @@ from mailout.cli.base import CommandError
 from mailout.cli.check import Check
 from mailout.cli.demo import Demo
 from mailout.cli.process import Process
-from mailout.cli.process import Tracker as _Tracker  # tests/test_hardening
 from mailout.cli.queue import QueueGroup
 from mailout.cli.send import Send
 
 __all__ = ['main', 'parser', 'COMMANDS', 'CommandError',
-           'OK', 'FAILED', 'USAGE', '_Tracker']
+           'OK', 'FAILED', 'USAGE']
 
 #: The commands of ``mailout``, in the order ``--help`` lists them.
 COMMANDS = (Process(), QueueGroup(), Check(), Send(), Demo())
