@@ -1,20 +1,33 @@
 """Interfaces, events and exceptions of mailout.
 
-What mailout promises (each is proved by the test suite):
+What mailout promises (DESIGN.md section 3; each is proved by the tests):
 
 1. Commit semantics: a message handed to ``send()`` is delivered if and only
    if its transaction commits.  Abort, a failed vote of another resource
    manager, or a savepoint rollback past the ``send()`` sends nothing and
-   leaves no file behind.
+   leaves no file behind.  Once every resource voted, the mail is never
+   discarded.
 2. Durability: once ``transaction.commit()`` returns, a queued message is on
-   disk (file and directory fsync'ed) and survives a crash.
+   disk (file and directory fsync'ed) and survives ``kill -9`` and power
+   loss.
 3. Exactly-once hand-off to the relay, except for the window SMTP cannot close
-   (the connection dies after the final ``.`` and before the reply, RFC 1047).
-4. Bad input never enters the queue: ``send()`` raises a subclass of
+   (the connection dies after the final ``.`` and before the reply, RFC 1047):
+   a crash anywhere else neither loses nor duplicates a message.
+4. Shared queues: any number of sender threads and processes (on several
+   hosts too) may work one queue; each message is claimed by exactly one, and
+   a claim whose owner died is recovered.
+5. Failures: a transient failure (4xx, no connection, timeout) defers the
+   message with backoff, a permanent one (5xx) moves it to ``failed/`` with
+   the reply; recipients that accepted are never sent to again; after
+   ``max-lifetime`` a deferred message fails.  Nothing is dropped silently:
+   every outcome is logged and notified as an event, and an unreadable queue
+   file lands in ``failed/`` with its reason.
+6. Bad input never enters the queue: ``send()`` raises a subclass of
    `MailoutError` naming what is wrong.
-5. Security: TLS certificates are verified unless a setting says otherwise;
-   secrets appear in no log, repr or exception; queue files are 0600 and queue
-   directories 0700.
+7. Security: TLS certificates are verified unless a setting says otherwise;
+   AUTH needs TLS unless allowed; secrets appear in no log, repr or
+   exception; queue files are 0600 and queue directories 0700, and no link
+   in a queue is followed.
 
 The delivery and mailer interfaces are zope.sendmail's, so code written for
 zope.sendmail works unchanged; `IMailoutMailer` adds to `IMailer` what
