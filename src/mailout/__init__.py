@@ -4,6 +4,10 @@
 
 or the two functions below.  See README.rst.
 """
+import email.message
+from collections.abc import Iterable
+from typing import Optional
+
 from zope.component import getUtility
 
 from mailout.interfaces import DeliveryError  # noqa: F401
@@ -15,6 +19,7 @@ from mailout.interfaces import InvalidRecipient  # noqa: F401
 from mailout.interfaces import InvalidSender  # noqa: F401
 from mailout.interfaces import LineTooLong  # noqa: F401
 from mailout.interfaces import MailoutError  # noqa: F401
+from mailout.interfaces import MessageInput
 from mailout.interfaces import MessageError  # noqa: F401
 from mailout.interfaces import MessageTooLarge  # noqa: F401
 from mailout.interfaces import NoRecipients  # noqa: F401
@@ -33,7 +38,8 @@ __all__ = [
 ]
 
 
-def send(fromaddr, toaddrs, message, delivery='default'):
+def send(fromaddr: str, toaddrs: Iterable[str], message: MessageInput,
+         delivery: str = 'default') -> str:
     """Send ``message`` (str, bytes or email.message.Message) from
     ``fromaddr`` to ``toaddrs`` if the current transaction commits; return
     its Message-Id."""
@@ -41,7 +47,9 @@ def send(fromaddr, toaddrs, message, delivery='default'):
                                                     message)
 
 
-def send_message(msg, fromaddr=None, toaddrs=None, delivery='default'):
+def send_message(msg: email.message.Message, fromaddr: Optional[str] = None,
+                 toaddrs: Optional[Iterable[str]] = None,
+                 delivery: str = 'default') -> str:
     """Send an ``email.message.Message`` if the current transaction commits.
 
     The envelope comes from the headers where not given: Sender or From, and

@@ -16,6 +16,9 @@ manager does the work at commit:
 """
 import logging
 import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+from typing import Optional
 
 import transaction
 from transaction.interfaces import IDataManagerSavepoint
@@ -25,8 +28,13 @@ from zope.interface import implementer
 from mailout import message as _message
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IDirectMailDelivery
+from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import IQueuedMailDelivery
+from mailout.interfaces import MessageInput
 from mailout.queue import Queue
+
+if TYPE_CHECKING:
+    from mailout.processor import Processor
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,10 @@ class _Delivery:
     # fails, queued mail is discarded with the rest.
     sort_key = '~mailout'
 
-    def __init__(self, name, mailer, max_message_size=None,
-                 transaction_manager=None):
+    def __init__(self, name: str, mailer: IMailoutMailer,
+                 max_message_size: Optional[int] = None,
+                 transaction_manager: Optional[
+                     transaction.interfaces.ITransactionManager] = None):
         self.name = name
         self.mailer = mailer
         self.max_message_size = max_message_size
@@ -49,7 +59,8 @@ class _Delivery:
     def __repr__(self):
         return f'<{type(self).__name__} {self.name!r} via {self.mailer!r}>'
 
-    def send(self, fromaddr, toaddrs, message):
+    def send(self, fromaddr: str, toaddrs: Iterable[str],
+             message: MessageInput) -> str:
         """Send ``message`` if the current transaction commits; return its
         Message-Id (without angle brackets)."""
         envelope = _message.prepare(
@@ -86,13 +97,14 @@ class QueuedDelivery(_Delivery):
     """Commit puts messages durably into a queue directory; a `Processor`
     delivers them."""
 
-    def __init__(self, name, mailer, queue_path, processor=None, **kw):
+    def __init__(self, name: str, mailer: IMailoutMailer, queue_path: str,
+                 processor: Optional['Processor'] = None, **kw):
         super().__init__(name, mailer, **kw)
         self.queue = Queue.open(queue_path)
         self.processor = processor
 
     @property
-    def queuePath(self):
+    def queuePath(self) -> str:
         return self.queue.path
 
     def _vote(self, envelopes):

@@ -33,12 +33,25 @@ The delivery and mailer interfaces are zope.sendmail's, so code written for
 zope.sendmail works unchanged; `IMailoutMailer` adds to `IMailer` what
 mailout's deliveries need of a mailer.
 """
+import email.message
+from typing import Optional
+from typing import Union
+
 from zope.interface import Attribute
 from zope.interface import Interface
 from zope.sendmail.interfaces import IDirectMailDelivery  # noqa: F401
 from zope.sendmail.interfaces import IMailDelivery  # noqa: F401
 from zope.sendmail.interfaces import IMailer  # noqa: F401
 from zope.sendmail.interfaces import IQueuedMailDelivery  # noqa: F401
+
+
+#: A server's reply, ``(code, text)``; the code is None when there was no
+#: reply (the connection failed or was lost).
+Reply = tuple[Optional[int], str]
+#: The recipients a mailer refused, each with its reply.
+Refused = dict[str, Reply]
+#: What ``send()`` takes as a message.
+MessageInput = Union[str, bytes, email.message.Message]
 
 
 class IMailoutMailer(IMailer):

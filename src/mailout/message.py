@@ -22,12 +22,15 @@ import socket
 import time
 import unicodedata
 import uuid
+from collections.abc import Iterable
+from typing import Optional
 
 from mailout.interfaces import InvalidHeader
 from mailout.interfaces import InvalidMessageId
 from mailout.interfaces import InvalidRecipient
 from mailout.interfaces import InvalidSender
 from mailout.interfaces import LineTooLong
+from mailout.interfaces import MessageInput
 from mailout.interfaces import MessageError
 from mailout.interfaces import MessageTooLarge
 from mailout.interfaces import NoRecipients
@@ -65,12 +68,14 @@ _MESSAGE_ID = re.compile(rf'<({_ID_TEXT}@{_ID_TEXT})>\Z')
 class Envelope:
     """A message ready for the queue or a mailer."""
     fromaddr: str
-    toaddrs: tuple
+    toaddrs: tuple[str, ...]
     message: bytes
     message_id: str     # without angle brackets, as zope.sendmail returns it
 
 
-def prepare(fromaddr, toaddrs, message, max_size=None, smtputf8=False):
+def prepare(fromaddr: str, toaddrs: Iterable[str], message: MessageInput,
+            max_size: Optional[int] = None,
+            smtputf8: bool = False) -> Envelope:
     """Check and normalise one message; return an `Envelope`.
 
     ``message`` is ``str``, ``bytes`` or an ``email.message.Message``.
@@ -106,7 +111,8 @@ def prepare(fromaddr, toaddrs, message, max_size=None, smtputf8=False):
     if added or removed:
         # Joined from views of data: no copy but the result.
         view = memoryview(data)
-        kept, start = [added], 0
+        kept: list[bytes | memoryview] = [added]
+        start = 0
         for stop, next_start in removed:
             kept.append(view[start:stop])
             start = next_start
@@ -147,7 +153,7 @@ def _smallest_size(message):
     return 0
 
 
-def sender_from_headers(msg):
+def sender_from_headers(msg: email.message.Message) -> str:
     """The envelope sender of an ``email.message.Message``: its Sender, or
     its one From address."""
     senders = _addresses(msg, 'Sender') or _addresses(msg, 'From')
@@ -158,13 +164,13 @@ def sender_from_headers(msg):
     return senders[0]
 
 
-def recipients_from_headers(msg):
+def recipients_from_headers(msg: email.message.Message) -> list[str]:
     """The envelope recipients of an ``email.message.Message``: To, Cc and
     Bcc."""
     return _addresses(msg, 'To', 'Cc', 'Bcc')
 
 
-def printable(text):
+def printable(text: object) -> str:
     """``text`` with every character a terminal or log reader could act on
     or not see (controls, DEL, format characters such as bidi overrides,
     line and paragraph separators, non-ASCII spaces) escaped as ``repr``
@@ -187,7 +193,8 @@ def _hidden_character(text):
     return next(c for c in text if not c.isprintable() or c == '\ufffd')
 
 
-def check_address(address, error, role, smtputf8=False):
+def check_address(address: str, error: type[MessageError], role: str,
+                  smtputf8: bool = False) -> str:
     """Return ``address`` as a bare addr-spec or raise ``error``."""
     if isinstance(address, bytes):
         address = address.decode('ascii', 'replace')
@@ -230,7 +237,8 @@ def check_address(address, error, role, smtputf8=False):
     return address
 
 
-def check_recipients(toaddrs, smtputf8=False):
+def check_recipients(toaddrs: Iterable[str],
+                     smtputf8: bool = False) -> tuple[str, ...]:
     if isinstance(toaddrs, (str, bytes)):
         raise InvalidRecipient(
             f'toaddrs must be a list of addresses, not a string: {toaddrs!r}')
@@ -250,7 +258,7 @@ def check_recipients(toaddrs, smtputf8=False):
 _hostname = None
 
 
-def new_message_id():
+def new_message_id() -> str:
     global _hostname
     if _hostname is None:
         _hostname = socket.gethostname() or 'localhost'
@@ -322,7 +330,7 @@ def _check_part_headers(part):
             raise InvalidHeader(f'header {name} contains NUL: {text[:60]!r}')
 
 
-def normalise_line_endings(data):
+def normalise_line_endings(data: bytes) -> bytes:
     """Every line ending as CRLF; ``data`` itself if it has no other.
 
     By whole-buffer replacing, not per line: a message of many short lines
@@ -397,7 +405,7 @@ def _noted_fields(data, end):
     return fields
 
 
-def message_id_of(data):
+def message_id_of(data: bytes) -> Optional[str]:
     """The Message-Id (without brackets) of message bytes, or None."""
     end = _header_end(data)
     try:

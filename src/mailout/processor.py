@@ -17,6 +17,8 @@ import os
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
+from typing import Optional
 
 import zope.event
 from zope.interface import implementer
@@ -25,10 +27,14 @@ from mailout.interfaces import IMailDeferredEvent
 from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import DeliveryError
+from mailout.interfaces import IMailoutMailer
 from mailout.message import message_id_of
 from mailout.message import printable
 from mailout.retry import RetryPolicy
 from mailout.retry import decide
+
+if TYPE_CHECKING:
+    from mailout.queue import Queue
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,9 @@ class Processor:
     """Deliver the messages of one queue with one mailer, over
     ``connections`` sender threads (each keeps its own connection)."""
 
-    def __init__(self, queue, mailer, name='', poll_interval=1.0,
-                 retry=RetryPolicy(), connections=1, rate=None):
+    def __init__(self, queue: 'Queue', mailer: IMailoutMailer, name: str = '',
+                 poll_interval: float = 1.0, retry: RetryPolicy = RetryPolicy(),
+                 connections: int = 1, rate: Optional[float] = None):
         self.queue = queue
         self.mailer = mailer
         self.name = name
@@ -103,11 +110,12 @@ class Processor:
         self.retry = retry
         self.connections = connections
         self.rate = RateLimit(rate) if rate else None
-        self._threads = []
-        self._pid = None
+        self._threads: list[threading.Thread] = []
+        self._pid: Optional[int] = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._names = collections.deque()   # listed in new/, not yet tried
+        # Listed in new/, not yet tried:
+        self._names: collections.deque[str] = collections.deque()
         self._names_lock = threading.Lock()
         self._last_maintenance = None       # time.monotonic()
 
@@ -119,7 +127,7 @@ class Processor:
         return self._pid == os.getpid() \
             and any(t.is_alive() for t in self._threads)
 
-    def start(self):
+    def start(self) -> None:
         """Start the threads unless they run in this process already."""
         with self._lock:
             if self.running:
@@ -137,7 +145,7 @@ class Processor:
             log.info('started %r with %d connection(s)', self,
                      self.connections)
 
-    def stop(self, timeout=10):
+    def stop(self, timeout: float = 10) -> None:
         """Finish the messages in hand, then stop; the rest stays queued."""
         with self._lock:
             threads, self._threads = self._threads, []
@@ -201,7 +209,8 @@ class Processor:
                 self._names.extend(self.queue.waiting())
             return self._names.popleft() if self._names else None
 
-    def process_waiting(self, stopping=None):
+    def process_waiting(self,
+                        stopping: Optional[threading.Event] = None) -> int:
         """Deliver until ``new/`` is empty or ``stopping`` is set; return
         how many were handled."""
         stopping = stopping or threading.Event()
@@ -219,14 +228,14 @@ class Processor:
                 handled += 1
         return handled
 
-    def run_once(self):
+    def run_once(self) -> int:
         """Recover, promote due messages and deliver what is waiting now
         over ``connections`` threads, then return how many were handled;
         for scripts, cron and tests.  Messages deferred meanwhile wait for
         a later run, so it always ends."""
         self._recover()
         names = collections.deque(self.queue.waiting())
-        handled = collections.Counter()
+        handled: collections.Counter[int] = collections.Counter()
 
         def work():
             try:
@@ -251,7 +260,7 @@ class Processor:
             worker.join()
         return sum(handled.values())
 
-    def deliver(self, claimed):
+    def deliver(self, claimed: str) -> None:
         """Send one claimed message and move it where its outcome says."""
         try:
             message = self.queue.read(claimed)
@@ -391,23 +400,23 @@ def _attempt(reply):
 
 # -- the processors of this process --------------------------------------------
 
-_registered = []                # by ZCML, for start_all
-_started = weakref.WeakSet()    # started in this process, for stop_all
+_registered: list[Processor] = []  # by ZCML, for start_all
+_started: 'weakref.WeakSet[Processor]' = weakref.WeakSet()  # for stop_all
 
 
-def register(processor):
+def register(processor: Processor) -> None:
     """Remember ``processor`` for `start_all` (a ZCML action calls this)."""
     if processor not in _registered:
         _registered.append(processor)
 
 
-def start_all(event=None):
+def start_all(event: object = None) -> None:
     """Start every registered processor; the ``IProcessStarting`` handler."""
     for processor in _registered:
         processor.start()
 
 
-def stop_all(timeout=10):
+def stop_all(timeout: float = 10) -> None:
     """Stop every processor started in this process (at interpreter exit)."""
     for processor in list(_started):
         processor.stop(timeout)

@@ -7,7 +7,12 @@ records its `Decision` in the queue, then logs it and notifies events.
 Which replies are permanent is said once, in `mailout.replies`.
 """
 import dataclasses
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Optional
 
+from mailout.interfaces import Refused
+from mailout.interfaces import Reply
 from mailout.replies import is_permanent
 
 
@@ -22,7 +27,7 @@ class RetryPolicy:
     max_backoff: float = 4000
     max_lifetime: float = 5 * 24 * 3600
 
-    def next_attempt(self, attempts, now):
+    def next_attempt(self, attempts: int, now: float) -> float:
         """When to try again after ``attempts`` attempts, the last at
         ``now``: the backoff doubles from ``min_backoff`` up to
         ``max_backoff``."""
@@ -39,24 +44,25 @@ class Decision:
     needs it also when nothing is deferred, to release a message whose
     outcome it cannot record.
     """
-    sent: tuple         # addresses that accepted the message
-    deferred: dict      # address -> reply: worth another attempt at `until`
-    failed: dict        # address -> reply: never to be tried again
+    sent: tuple[str, ...]   # addresses that accepted the message
+    deferred: Refused   # address -> reply: worth another attempt at `until`
+    failed: Refused     # address -> reply: never to be tried again
     until: float        # seconds since the epoch
 
     @property
-    def deferred_reply(self):
+    def deferred_reply(self) -> Optional[Reply]:
         """One reply that tells of every deferred recipient, or None."""
         return summary(self.deferred) if self.deferred else None
 
     @property
-    def failed_reply(self):
+    def failed_reply(self) -> Optional[Reply]:
         """One reply that tells of every failed recipient, or None."""
         return summary(self.failed) if self.failed else None
 
 
-def decide(toaddrs, refused, previous_attempts, queued_at, now,
-           policy=RetryPolicy()):
+def decide(toaddrs: Sequence[str], refused: Mapping[str, Reply],
+           previous_attempts: int, queued_at: Optional[float], now: float,
+           policy: RetryPolicy = RetryPolicy()) -> Decision:
     """Decide what an attempt to send to ``toaddrs`` means.
 
     ``refused`` maps each recipient the mailer did not deliver to to its
@@ -79,7 +85,7 @@ def decide(toaddrs, refused, previous_attempts, queued_at, now,
     return Decision(sent, deferred, failed, until)
 
 
-def summary(refused):
+def summary(refused: Mapping[str, Reply]) -> Reply:
     """One ``(code, text)`` reply for the replies of ``refused``: the reply
     if all share it, else each address with its own (the first code)."""
     replies = list(dict.fromkeys(refused.values()))

@@ -24,7 +24,7 @@ from mailout.mailers import Mailer
 try:
     import pytest
 except ImportError:     # pragma: no cover - pytest is optional
-    pytest = None
+    pytest = None       # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)

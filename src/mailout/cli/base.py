@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 from mailout.message import printable
 
@@ -60,7 +61,7 @@ class Result:
     ``lines``: JSON on one line, as each line of a stream."""
     data: dict
     status: int = OK
-    now: float = None
+    now: Optional[float] = None
     lines: bool = False
 
 
@@ -88,10 +89,10 @@ class Command:
     arguments and computes a `Result` in `run`; `text` prints that result
     for people."""
 
-    name = None
-    help = None
-    description = None      # default: help
-    group = None            # 'queue' for 'mailout queue NAME'
+    name: Optional[str] = None
+    help: Optional[str] = None
+    description: Optional[str] = None      # default: help
+    group: Optional[str] = None     # 'queue' for 'mailout queue NAME'
     common_options = True   # -C, --json, -v, -q
 
     def register(self, commands, common):
@@ -142,10 +143,10 @@ class Command:
 class Group:
     """Commands under one name (``mailout queue status``)."""
 
-    name = None
-    help = None
-    description = None
-    commands = ()
+    name: Optional[str] = None
+    help: Optional[str] = None
+    description: Optional[str] = None
+    commands: tuple[Command, ...] = ()
 
     def register(self, commands, common):
         parser = commands.add_parser(

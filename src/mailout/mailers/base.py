@@ -1,7 +1,12 @@
 """What every mailer shares."""
+from collections.abc import Sequence
+from typing import Any
+from typing import Optional
+
 from zope.interface import implementer
 
 from mailout.interfaces import IMailoutMailer
+from mailout.interfaces import Refused
 
 
 @implementer(IMailoutMailer)
@@ -12,10 +17,11 @@ class Mailer:
     none); ``probe`` has nothing to check.  A subclass gives ``name``,
     ``send`` and, where it has something to check, ``probe``."""
 
-    name = None
+    name: Optional[str] = None
     smtputf8 = False
 
-    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+    def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,
+             all_or_none: bool = False) -> Refused:
         raise NotImplementedError
 
     def vote(self, fromaddr, toaddrs, message):
@@ -24,8 +30,8 @@ class Mailer:
     def abort(self):
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
-    def probe(self, timeout=None):
+    def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         return []

@@ -1,8 +1,10 @@
 """The sendmail-program mailer: hand each message to the local MTA's
 ``sendmail`` command, no shell, the exit status saying what happened."""
 import subprocess
+from collections.abc import Sequence
 
 from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import Refused
 from mailout.interfaces import TransientDeliveryError
 from mailout.mailers.base import Mailer
 
@@ -23,7 +25,8 @@ class SendmailMailer(Mailer):
     def __repr__(self):
         return f'<SendmailMailer {self.name!r} {self.settings.path}>'
 
-    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+    def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,
+             all_or_none: bool = False) -> Refused:
         # sendmail takes every recipient or none.
         command = [self.settings.path, *self.settings.arguments,
                    '-i', '-f', fromaddr, '--', *toaddrs]

@@ -7,7 +7,11 @@ import smtplib
 import socket
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
+from typing import Optional
 
+from mailout.interfaces import Refused
 from mailout.interfaces import TransientDeliveryError
 from mailout.mailers import session
 from mailout.mailers.base import Mailer
@@ -84,7 +88,8 @@ class SMTPMailer(Mailer):
         relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
         return f'<SMTPMailer {self.name!r} {relays} tls={self.settings.tls}>'
 
-    def send(self, fromaddr, toaddrs, message, all_or_none=False):
+    def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,
+             all_or_none: bool = False) -> Refused:
         args = fromaddr, toaddrs, message, all_or_none
         local = self._local
         connection = local.reusable(self.settings.messages_per_connection)
@@ -122,10 +127,10 @@ class SMTPMailer(Mailer):
             raise TransientDeliveryError(
                 (None, f'{address(local.relay)}: {reason}')) from None
 
-    def close(self):
+    def close(self) -> None:
         self._local.end()
 
-    def probe(self, timeout=None):
+    def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         settings = self.settings if timeout is None else \
             dataclasses.replace(self.settings, timeout=timeout)
         results = []
