@@ -560,10 +560,11 @@ class CrashLoop:
         """Allow one more copy of each recipient the dead child held a
         claim for (one claim at most for each of its ``threads``); count
         its unfinished writes."""
+        from mailout.queue import names
         held = 0
         for name in os.listdir(os.path.join(self.queue_path, 'cur')):
-            parts = name.rsplit(',', 3)     # NAME,HOST,PID,TOKEN
-            if len(parts) != 4 or parts[2] != str(pid):
+            claim = names.Claim.parse(name)
+            if claim is None or claim.pid != pid:
                 continue
             try:
                 mid, toaddrs = _read_queue_file(
@@ -582,13 +583,13 @@ class CrashLoop:
                       f'claims with {threads} sender thread(s)',
                       key=('claims', n))
         for name in os.listdir(os.path.join(self.queue_path, 'tmp')):
-            if name.endswith('.rewrite'):
-                claimed = name[:-len('.rewrite')]
-                if claimed.rsplit(',', 3)[2:3] == [str(pid)]:
+            entry = names.in_tmp(name)
+            if isinstance(entry, names.Rewrite):
+                if entry.claim.pid == pid:
                     self.summary.rewrites_at_kill += 1
-            elif name.split('.')[1:2] and \
-                    name.split('.')[1].split('_')[0].split('-')[0] == str(pid):
-                self.summary.tmp_files_at_kill += 1     # TIME.PID-TOKEN_...
+            elif isinstance(entry, names.TmpMessage) \
+                    and entry.writer.pid == pid:
+                self.summary.tmp_files_at_kill += 1
 
     def drain(self):
         """Recover and deliver everything queued, in this process."""

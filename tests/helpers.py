@@ -114,3 +114,9 @@ def direct_delivery(port, *mailer_lines):
         </direct-delivery>
     </mailout>'''))
     return deliveries['urgent']
+
+
+def failed(queue, name):
+    """What ``failed/NAME`` holds, as an `Entry` (toaddrs, attempts)."""
+    [entry] = [e for e in queue.locate(name) if e.area == 'failed']
+    return entry

@@ -2,6 +2,7 @@
 import os
 import time
 
+from helpers import failed
 from helpers import mailer_and_queue
 from mailout.message import prepare
 from mailout.processor import Processor
@@ -113,6 +114,6 @@ def test_smtputf8_addresses(tmp_path, start_sink):
         else:
             assert sink.messages() == []
             [name] = os.listdir(os.path.join(queue.path, 'failed'))
-            assert queue.read_failed(name).attempts[-1].endswith(
+            assert failed(queue, name).attempts[-1].endswith(
                 '555 5.6.7 the relay does not offer SMTPUTF8, which the '
                 'non-ASCII addresses need')

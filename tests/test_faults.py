@@ -23,7 +23,7 @@ from helpers import mailer_and_queue
 from mailout.message import message_id_of
 from mailout.message import prepare
 from mailout.processor import Processor
-from mailout.queue import _parse
+from mailout.queue.fileformat import parse
 
 FROM = 'app@example.org'
 ANN = 'ann@example.org'
@@ -68,7 +68,7 @@ def queued(queue, area):
         if name.endswith('.reason'):    # beside a quarantined file
             continue
         with open(os.path.join(queue.path, area, name), 'rb') as f:
-            message = _parse(name, f.read())
+            message = parse(name, f.read())
         result.append((message_id_of(message.message), message))
     return result
 

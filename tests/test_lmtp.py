@@ -1,6 +1,7 @@
 """The LMTP mailer against a real LMTP server process."""
 import os
 
+from helpers import failed
 from helpers import mailer_and_queue
 from mailout import config
 from mailout.message import prepare
@@ -35,7 +36,7 @@ def test_each_recipient_gets_its_own_reply(tmp_path, start_sink):
     queue.commit([name])
     Processor(queue, mailer).run_once()
     assert [m['rcpt_tos'] for m in sink.messages()] == [[ANN]]
-    assert queue.read_failed(name).toaddrs == (BOB,)
+    assert failed(queue, name).toaddrs == (BOB,)
     assert os.listdir(os.path.join(queue.path, 'deferred')) == [name]
 
 

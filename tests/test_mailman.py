@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+from helpers import failed
 from mailout import config
 from mailout.factories import build_all
 from mailout.message import prepare
@@ -299,7 +300,7 @@ def test_no_such_list_is_refused_and_failed(tmp_path, mailman):
                                data('queued mixed', 'mm-6@example.org')))
     queue.commit([name])
     Processor(queue, mailer).run_once()
-    assert queue.read_failed(name).toaddrs == (NO_LIST,)
+    assert failed(queue, name).toaddrs == (NO_LIST,)
     assert os.listdir(os.path.join(queue.path, 'deferred')) == []
     [post] = mailman.queued('in')
     assert 'Message-ID: <mm-6@example.org>' in post['message']

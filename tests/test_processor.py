@@ -6,6 +6,7 @@ import pytest
 import zope.event
 from zope.interface.verify import verifyObject
 
+from helpers import failed
 from helpers import mailer_and_queue
 from mailout.interfaces import IMailDeferredEvent
 from mailout.interfaces import IMailFailedEvent
@@ -140,7 +141,7 @@ def test_expired_message_fails_with_history(tmp_path, events):
     queue.promote_due(now=time.time() + 10)
     processor.run_once()
     assert area(queue, 'failed') == [name]
-    message = queue.read_failed(name)
+    message = failed(queue, name)
     assert len(message.attempts) == 2
     assert 'gave up after' in message.attempts[-1]
     assert IMailFailedEvent.providedBy(events[-1])
@@ -167,8 +168,8 @@ def test_permanent_error_fails_whole_message(tmp_path, events):
     name = enqueue(queue, to=('a@example.org', 'b@example.org'))
     processor.run_once()
     assert area(queue, 'failed') == [name]
-    assert queue.read_failed(name).toaddrs == ('a@example.org',
-                                               'b@example.org')
+    assert failed(queue, name).toaddrs == ('a@example.org',
+                                           'b@example.org')
     assert events[-1].reply == (554, '5.7.1 rejected as spam')
 
 

@@ -10,6 +10,7 @@ import transaction
 from mailout import queue as queue_module
 from mailout.message import prepare
 from mailout.queue import Queue
+from mailout.queue import names
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_recover_claim_of_dead_process(queue):
     [name] = add(queue)
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                           capture_output=True, text=True).stdout.strip()
-    claim = f'{name},{queue_module._HOST},{dead},deadbeef'
+    claim = str(names.Claim(name, names.HOST, int(dead), 'deadbeef'))
     os.rename(os.path.join(queue.path, 'new', name),
               os.path.join(queue.path, 'cur', claim))
     assert queue.recover() == 1
@@ -110,7 +111,7 @@ def test_recover_stale_claim_of_own_pid(queue):
     """A claim with this pid but not held by this process (pid reused after
     a restart, as pid 1 in containers) goes back to new/."""
     [name] = add(queue)
-    claim = f'{name},{queue_module._HOST},{os.getpid()},0ldt0ken'
+    claim = str(names.Claim(name, names.HOST, os.getpid(), '0ldt0ken'))
     os.rename(os.path.join(queue.path, 'new', name),
               os.path.join(queue.path, 'cur', claim))
     assert queue.recover() == 1
@@ -119,7 +120,7 @@ def test_recover_stale_claim_of_own_pid(queue):
 def test_recover_other_host_after_lease(queue):
     """Another host's claim comes back only once its lease expired."""
     [name] = add(queue)
-    claim = f'{name},otherhost,123,abcd'
+    claim = str(names.Claim(name, 'otherhost', 123, 'abcd'))
     os.rename(os.path.join(queue.path, 'new', name),
               os.path.join(queue.path, 'cur', claim))
     assert queue.recover() == 0
@@ -131,7 +132,9 @@ def test_recover_removes_unfinished_writes_of_dead_processes(queue):
     """tmp/ files of dead writers go; our own in-progress writes stay."""
     ours = queue.write(prepare('a@example.org', ['b@example.org'],
                                'Subject: x\r\n\r\n'))
-    dead = f'{time.time_ns()}.999999999-0ld_abc_def.{queue_module._HOST}'
+    dead = str(names.TmpMessage(str(time.time_ns()),
+                                names.Writer(999999999, '0ld'), 'abc', 'def',
+                                names.HOST))
     open(os.path.join(queue.path, 'tmp', dead), 'w').close()
     queue.recover()
     assert files(queue, 'tmp') == [ours]
@@ -194,7 +197,7 @@ def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
                   os.path.join(queue.path, 'tmp', theirs))
         renamed[name] = theirs
     first = renamed[committed[0]]
-    marker = queue_module._marker(first, ".commit")
+    marker = str(names.TmpMessage.parse(first).marker(committed=True))
     open(os.path.join(queue.path, 'tmp', marker), 'w').close()
     os.rename(os.path.join(queue.path, 'tmp', first),
               os.path.join(queue.path, 'new', first))
@@ -211,11 +214,11 @@ def test_predecessor_with_our_pid(queue):
                        'Subject: x\r\n\r\nbody\r\n')
     committed = [queue.write(envelope, 'batch1') for _ in range(2)]
     uncommitted = queue.write(envelope, 'batch2')
-    marker = queue_module._marker(committed[0], ".commit")
+    marker = str(names.TmpMessage.parse(committed[0]).marker(committed=True))
     open(os.path.join(queue.path, 'tmp', marker), 'w').close()
     os.rename(os.path.join(queue.path, 'tmp', committed[0]),
               os.path.join(queue.path, 'new', committed[0]))
-    queue._token = 'restarted'          # as a new process with our pid
+    queue.token = 'restarted'           # as a new process with our pid
     queue.recover()
     assert files(queue, 'new') == sorted(committed)
     assert files(queue, 'tmp') == []
