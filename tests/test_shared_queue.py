@@ -14,10 +14,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import HERE
 from helpers import write_config
 from mailout.message import prepare
 from mailout.queue import Queue
+from mailout.queue import names
 
 MESSAGES = int(os.environ.get('MAILOUT_SHARED_MESSAGES', 2000))
 PROCESSES = 4
@@ -224,6 +227,7 @@ def test_one_process_eight_threads_exactly_once(tmp_path, start_sink,
     assert result.stuck_total == 0, result.stuck
 
 
+@pytest.mark.slow
 def test_four_processes_eight_threads_each_exactly_once(tmp_path,
                                                         start_sink):
     """4 processes x 8 sender threads, each process committing its share
@@ -246,6 +250,7 @@ def test_four_processes_eight_threads_each_exactly_once(tmp_path,
     assert result.stuck_total == 0, result.stuck
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_processor_mid_run(tmp_path, start_sink):
     """kill -9 of one of 4 processors (8 threads each) mid-run: the others
     take over its claims; nothing is lost and only the messages it had in
@@ -265,7 +270,7 @@ def test_kill_9_of_one_processor_mid_run(tmp_path, start_sink):
     wait_until_stopped(victim.pid)
     in_flight = {message_number(os.path.join(queue_path, 'cur', claim))
                  for claim in os.listdir(os.path.join(queue_path, 'cur'))
-                 if claim.rsplit(',', 3)[2:3] == [str(victim.pid)]}
+                 if names.Claim.parse(claim).pid == victim.pid}
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     processors.wait(processors.processes[1:])
