@@ -15,6 +15,7 @@ setup(
     install_requires=[
         'setuptools',
         'transaction >= 3.0',
+        'prometheus_client',
         'ZConfig >= 3.6',
         'zope.component',
         'zope.configuration',

@@ -22,6 +22,7 @@ from mailout.cli.base import EPILOG
 from mailout.cli.base import CommandError
 from mailout.cli.check import Check
 from mailout.cli.demo import Demo
+from mailout.cli.metrics import Metrics
 from mailout.cli.process import Process
 from mailout.cli.queue import QueueGroup
 from mailout.cli.send import Send
@@ -30,7 +31,7 @@ __all__ = ['main', 'parser', 'COMMANDS', 'CommandError',
            'OK', 'FAILED', 'USAGE']
 
 #: The commands of ``mailout``, in the order ``--help`` lists them.
-COMMANDS = (Process(), QueueGroup(), Check(), Send(), Demo())
+COMMANDS = (Process(), QueueGroup(), Check(), Send(), Metrics(), Demo())
 
 
 def main(argv=None):

@@ -101,6 +101,10 @@ class Process(Command):
                             metavar='SECONDS',
                             help='how long to wait for messages in hand at '
                                  'a stop (default 60)')
+        parser.add_argument('--metrics-port', type=int, metavar='PORT',
+                            help='the daemon serves Prometheus metrics (the '
+                                 "queues' state and the messages it "
+                                 'handled) on 127.0.0.1:PORT/metrics')
 
     def log_level(self, args):
         # The daemon's log is its account of each message; --once reports
@@ -156,6 +160,8 @@ class Process(Command):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+        if args.metrics_port is not None:
+            _serve_metrics(args.metrics_port, found)
         started = time.time()
         # Each message's event is JSON only: the text of the daemon is its
         # log (on stderr).
@@ -218,3 +224,18 @@ class Process(Command):
             print(f"  {q['delivery']}: {q['sent']} sent, {q['deferred']} "
                   f"deferred, {q['failed']} failed", flush=True)
         print(f"stopped after {age(data['uptime'])}", flush=True)
+
+
+def _serve_metrics(port, found):
+    """Serve the queues' state (computed at each scrape) and the counts of
+    this daemon's messages on 127.0.0.1:``port``."""
+    import prometheus_client
+
+    from mailout import metrics
+
+    def statuses():
+        for name, delivery, _ in found:
+            yield [name], delivery.queue.path, delivery.queue.status()
+    metrics.count_events()
+    prometheus_client.REGISTRY.register(metrics.QueueCollector(statuses))
+    prometheus_client.start_http_server(port, addr='127.0.0.1')

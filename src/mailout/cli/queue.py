@@ -7,6 +7,7 @@ import email.policy
 import os
 import sys
 import time
+from typing import Optional
 
 from mailout.cli.base import FAILED
 from mailout.cli.base import OK
@@ -29,7 +30,7 @@ AREA_NAMES = {'new': 'waiting', 'cur': 'in progress',
 
 
 class QueueCommand(Command):
-    group = 'queue'
+    group: Optional[str] = 'queue'
     writable = False    # inspection only reads; retry and purge do not
 
     def add_arguments(self, parser):
@@ -42,6 +43,23 @@ class QueueCommand(Command):
         settings, source = load_settings(args)
         return source, [(names, path, _open_queue(path, self.writable))
                         for names, path in queued(settings, args.delivery)]
+
+
+    def statuses(self, args, now):
+        """``(source, [status])``: `mailout.queue.Queue.status` of each
+        queue, with its deliveries, path and whether it exists yet."""
+        source, queues = self.queues(args)
+        result = []
+        for names, path, queue in queues:
+            status = queue.status(now) if queue is not None else {
+                'waiting': 0, 'in_progress': 0, 'deferred': 0, 'failed': 0,
+                'oldest_age': None, 'oldest_waiting_age': None,
+                'oldest_deferred_age': None, 'next_attempt': None,
+                'last_error': None}
+            result.append({'deliveries': names, 'path': path,
+                           'exists': queue is not None, **status,
+                           'next_attempt': when(status['next_attempt'])})
+        return source, result
 
 
 def _open_queue(path, writable):
@@ -107,23 +125,34 @@ class Status(QueueCommand):
         'Per queue: messages waiting (new/), in progress (cur/), deferred, '
         'failed; the age of the oldest message not yet settled; the next '
         'retry; and the newest attempt line of a deferred or failed '
-        'message.')
+        'message.  With --warn-age, --crit-age or --max-failed it is a '
+        'Nagios/Icinga check: one summary line, exit 0 (OK), 1 (WARNING) '
+        'or 2 (CRITICAL).')
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        parser.add_argument('--warn-age', type=_age_argument, metavar='AGE',
+                            help='WARNING when a message waiting or deferred '
+                                 'was queued longer ago than AGE (5m, 1h)')
+        parser.add_argument('--crit-age', type=_age_argument, metavar='AGE',
+                            help='CRITICAL likewise')
+        parser.add_argument('--max-failed', type=int, metavar='N',
+                            help='CRITICAL when more than N messages failed')
 
     def run(self, args):
-        source, queues = self.queues(args)
         now = time.time()
-        result = []
-        for names, path, queue in queues:
-            status = queue.status(now) if queue is not None else {
-                'waiting': 0, 'in_progress': 0, 'deferred': 0, 'failed': 0,
-                'oldest_age': None, 'next_attempt': None, 'last_error': None}
-            result.append({'deliveries': names, 'path': path,
-                           'exists': queue is not None, **status,
-                           'next_attempt': when(status['next_attempt'])})
-        return Result({'ok': True, 'config': source, 'queues': result},
-                      now=now)
+        source, result = self.statuses(args, now)
+        data = {'ok': True, 'config': source, 'queues': result}
+        if (args.warn_age, args.crit_age, args.max_failed) == (None,) * 3:
+            return Result(data, now=now)
+        data['check'] = _check(result, args)
+        return Result(data, status=data['check']['status'], now=now)
 
     def text(self, result):
+        check = result.data.get('check')
+        if check:
+            print(check['summary'])
+            return
         for q in result.data['queues']:
             print(f"{', '.join(q['deliveries'])}  {q['path']}"
                   + ('' if q['exists'] else '  (not created yet)'))
@@ -432,6 +461,37 @@ def _confirm(listed):
     sys.stderr.flush()
     if sys.stdin.readline().strip().lower() not in ('y', 'yes'):
         raise CommandError(FAILED, 'nothing deleted')
+
+
+#: Nagios/Icinga plugin exit statuses.
+CHECK_STATES = ('OK', 'WARNING', 'CRITICAL')
+
+
+def _check(queues, args):
+    """The one-line verdict of ``queue status --warn-age/--crit-age/
+    --max-failed`` over all ``queues``: ``{'status', 'state', 'summary'}``.
+    """
+    oldest = max((q['oldest_age'] for q in queues
+                  if q['oldest_age'] is not None), default=None)
+    failed = sum(q['failed'] for q in queues)
+    problems = []
+    if args.crit_age is not None and oldest is not None \
+            and oldest > args.crit_age:
+        problems.append((2, f'oldest {age(oldest)} > {age(args.crit_age)}'))
+    elif args.warn_age is not None and oldest is not None \
+            and oldest > args.warn_age:
+        problems.append((1, f'oldest {age(oldest)} > {age(args.warn_age)}'))
+    if args.max_failed is not None and failed > args.max_failed:
+        problems.append((2, f'{failed} failed > {args.max_failed}'))
+    status = max((level for level, _ in problems), default=0)
+    counts = (f"{sum(q['waiting'] for q in queues)} waiting, "
+              f"{sum(q['deferred'] for q in queues)} deferred, "
+              f'{failed} failed, oldest '
+              + (age(oldest) if oldest is not None else '-'))
+    summary = f'MAILOUT {CHECK_STATES[status]} - ' + '; '.join(
+        [text for _, text in problems] + [counts])
+    return {'status': status, 'state': CHECK_STATES[status],
+            'summary': summary}
 
 
 def _age_argument(value):

@@ -105,25 +105,33 @@ class Inspection:
 
     def status(self, now=None):
         """Counts per area, the age of the oldest message not yet settled
-        (new, cur, deferred), the next retry, and the newest attempt line
-        of the deferred and failed messages."""
+        (new, cur, deferred) and of the oldest waiting (new) and deferred
+        one, the next retry, and the newest attempt line of the deferred
+        and failed messages."""
         now = time.time() if now is None else now
         deferred, failed = self.entries('deferred'), self.entries('failed')
+
+        def queued_times(area):
+            return [names.queued_at(names.message_name(area, filename))
+                    or files.mtime(self._area(area, filename), now)
+                    for filename in self._listdir(area)]
+
+        def oldest(times):
+            return max(now - min(times), 0) if times else None
+        waiting = queued_times('new')
         # A deferred file's mtime is its next attempt, not its age.
-        pending = [e.queued_at for e in deferred if e.queued_at]
-        for area in ('new', 'cur'):
-            for filename in self._listdir(area):
-                pending.append(
-                    names.queued_at(names.message_name(area, filename))
-                    or files.mtime(self._area(area, filename), now))
+        deferred_since = [e.queued_at for e in deferred if e.queued_at]
         attempts = [(a, e.mtime) for e in deferred + failed
                     for a in e.attempts[-1:]]
         return {
-            'waiting': self.count('new'),
+            'waiting': len(waiting),
             'in_progress': self.count('cur'),
             'deferred': len(deferred),
             'failed': len(failed),
-            'oldest_age': max(now - min(pending), 0) if pending else None,
+            'oldest_age': oldest(waiting + queued_times('cur')
+                                 + deferred_since),
+            'oldest_waiting_age': oldest(waiting),
+            'oldest_deferred_age': oldest(deferred_since),
             'next_attempt': min((e.mtime for e in deferred), default=None),
             'last_error': max(attempts, key=lambda a: (a[0][:20], a[1]))[0]
             if attempts else None,
