@@ -1,6 +1,8 @@
-"""Fixtures: real SMTP server processes, certificates, configs, clean-up;
-the ``slow`` marker."""
+"""Fixtures: real SMTP server processes, certificates, configs, clean-up,
+a Zope instance; the ``slow`` marker."""
 import os
+import shutil
+import subprocess
 
 import pytest
 import transaction
@@ -8,6 +10,7 @@ import zope.component.testing
 
 from helpers import Sink
 from helpers import write_config
+from helpers import zope_script
 from mailout import processor
 
 
@@ -103,3 +106,52 @@ def clean_up():
     processor.stop_all()
     processor._registered.clear()
     zope.component.testing.tearDown()
+
+
+@pytest.fixture(scope='module')
+def template(tmp_path_factory):
+    """An instance made by Zope's mkwsgiinstance, copied by `instance`."""
+    path = tmp_path_factory.mktemp('zope') / 'template'
+    subprocess.run(zope_script('Zope2.utilities.mkwsgiinstance',
+                               '-d', path, '-u', 'admin:admin'),
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def instance(template, tmp_path):
+    """A fresh Zope instance directory with an SMTP password file (write
+    its zope.conf with `helpers.write_zope_conf`)."""
+    path = tmp_path / 'instance'
+    shutil.copytree(template, path)
+    for name in ('zope.conf', 'zope.ini'):
+        conf = path / 'etc' / name
+        conf.write_text(conf.read_text().replace(str(template), str(path)))
+    (path / 'etc' / 'smtp-password').write_text('secret\n')
+    (path / 'etc' / 'smtp-password').chmod(0o600)   # as the README says
+    return path
+
+
+@pytest.fixture
+def zope_state(monkeypatch):
+    """Put back what loading zope.conf changes (`helpers.configure_zope`):
+    App.config's configuration, the homes and environment variables,
+    HTTPRequest's retry count."""
+    import App.config
+    from App import FindHomes
+
+    def reset():
+        monkeypatch.setattr(App.config, '_config', config)
+        for name in ('INSTANCE_HOME', 'CLIENT_HOME', 'CHAMELEON_CACHE',
+                     'MAILOUT_CONFIG'):
+            monkeypatch.delenv(name, raising=False)
+    config = App.config._config
+    monkeypatch.setattr(FindHomes, 'INSTANCE_HOME', FindHomes.INSTANCE_HOME)
+    monkeypatch.setattr(FindHomes, 'CLIENT_HOME', FindHomes.CLIENT_HOME)
+    reset()
+    # The first import of ZPublisher.HTTPRequest installs a
+    # DefaultConfiguration and sets $INSTANCE_HOME and $CLIENT_HOME.
+    from ZPublisher.HTTPRequest import HTTPRequest
+    monkeypatch.setattr(HTTPRequest, 'retry_max_count',
+                        HTTPRequest.retry_max_count)
+    reset()

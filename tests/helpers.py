@@ -120,3 +120,33 @@ def failed(queue, name):
     """What ``failed/NAME`` holds, as an `Entry` (toaddrs, attempts)."""
     [entry] = [e for e in queue.locate(name) if e.area == 'failed']
     return entry
+
+
+def zope_script(module, *args):
+    """The command running Zope's console script ``module`` with ``args``
+    under sys.executable; its bin/NAME is not beside it in a buildout."""
+    argv = [str(arg) for arg in args]
+    return [sys.executable, '-c', f'import sys; sys.argv[1:] = {argv!r}; '
+                                  f'from {module} import main; '
+                                  'sys.exit(main())']
+
+
+def write_zope_conf(instance, text, imports=True):
+    """etc/zope.conf of ``instance`` with ``text`` appended (and
+    ``%import mailout`` first); its path."""
+    conf = instance / 'etc' / 'zope.conf'
+    base = conf.read_text()
+    conf.write_text(('%import mailout\n' if imports else '') + base + text)
+    return str(conf)
+
+
+def configure_zope(path):
+    """Load zope.conf as Zope2.Startup.run.make_wsgi_app does; use with
+    the ``zope_state`` fixture, which puts back what this changes."""
+    import App.config
+    from Zope2.Startup.handlers import handleWSGIConfig
+    from Zope2.Startup.options import ZopeWSGIOptions
+    opts = ZopeWSGIOptions(configfile=path)()
+    handleWSGIConfig(opts.configroot, opts.confighandlers)
+    App.config.setConfiguration(opts.configroot)
+    return opts.configroot

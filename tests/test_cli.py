@@ -21,12 +21,10 @@ from unittest import mock
 import pytest
 
 from helpers import write_config
+from helpers import write_zope_conf
 from mailout.cli import main
 from mailout.message import prepare
 from mailout.queue import Queue
-from test_zope import instance  # noqa: F401 (fixtures)
-from test_zope import template  # noqa: F401
-from test_zope import write_zope_conf
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), 'mailout')
 
@@ -745,7 +743,7 @@ ZOPE_SECTION = '''
 '''
 
 
-def test_zope_conf_with_mailout_section(instance, sink):  # noqa: F811
+def test_zope_conf_with_mailout_section(instance, sink):
     """-C names a zope.conf with %import mailout: Zope's own code loads it;
     check, send and queue status use its <mailout mailout> section."""
     conf = write_zope_conf(instance, ZOPE_SECTION.format(port=sink.port))
@@ -763,7 +761,7 @@ def test_zope_conf_with_mailout_section(instance, sink):  # noqa: F811
     assert data['queues'][0]['path'] == queue
 
 
-def test_zope_conf_with_product_config(instance, config_file,  # noqa: F811
+def test_zope_conf_with_product_config(instance, config_file,
                                        sink):
     """<product-config mailout> config-file: the named file's settings."""
     conf = write_zope_conf(instance, f'''
@@ -777,7 +775,7 @@ def test_zope_conf_with_product_config(instance, config_file,  # noqa: F811
     assert data['config']['deliveries'] == ['default', 'urgent']
 
 
-def test_zope_conf_without_mailout(instance):  # noqa: F811
+def test_zope_conf_without_mailout(instance):
     """A zope.conf with no mailout configuration: exit 1, saying what to
     add."""
     conf = write_zope_conf(instance, '', imports=False)
@@ -787,7 +785,7 @@ def test_zope_conf_without_mailout(instance):  # noqa: F811
     assert '<product-config mailout>' in result.stderr
 
 
-def test_zope_conf_without_zope(instance, sink):  # noqa: F811
+def test_zope_conf_without_zope(instance, sink):
     """Where Zope cannot be imported, a zope.conf fails with a message
     saying so (not a schema error)."""
     conf = write_zope_conf(instance, ZOPE_SECTION.format(port=sink.port))

@@ -4,7 +4,6 @@ Each test makes zope.conf from the one `mkwsgiinstance` wrote, and loads it
 with Zope's own code (the steps of Zope2.Startup.run.make_wsgi_app).
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,29 +17,23 @@ import urllib.request
 import App.config
 import pytest
 import ZConfig
-from App import FindHomes
 from zope.component import getUtility
 from zope.configuration import xmlconfig
-from Zope2.Startup.handlers import handleWSGIConfig
-from Zope2.Startup.options import ZopeWSGIOptions
 
 import mailout.config
 from helpers import HERE
+from helpers import configure_zope
 from helpers import write_config
+from helpers import write_zope_conf
+from helpers import zope_script
 from mailout.delivery import DirectDelivery
 from mailout.delivery import QueuedDelivery
 from mailout.interfaces import IMailDelivery
 from mailout.interfaces import IMailer
 from mailout.mailers import SMTPMailer
 
-
-def zope_script(module, *args):
-    """The command running Zope's console script ``module`` with ``args``
-    under sys.executable; its bin/NAME is not beside it in a buildout."""
-    argv = [str(arg) for arg in args]
-    return [sys.executable, '-c', f'import sys; sys.argv[1:] = {argv!r}; '
-                                  f'from {module} import main; '
-                                  'sys.exit(main())']
+#: Loading zope.conf changes process-wide state; put it back after each test.
+pytestmark = pytest.mark.usefixtures('zope_state')
 
 
 ZCML = '''<configure xmlns="http://namespaces.zope.org/zope"
@@ -67,67 +60,6 @@ SECTION = '''
   </direct-delivery>
 </mailout>
 '''
-
-
-@pytest.fixture(scope='module')
-def template(tmp_path_factory):
-    """An instance made by Zope's mkwsgiinstance, copied by `instance`."""
-    path = tmp_path_factory.mktemp('zope') / 'template'
-    subprocess.run(zope_script('Zope2.utilities.mkwsgiinstance',
-                               '-d', path, '-u', 'admin:admin'),
-                   check=True, capture_output=True)
-    return path
-
-
-@pytest.fixture
-def instance(template, tmp_path):
-    """A fresh instance directory with an SMTP password file."""
-    path = tmp_path / 'instance'
-    shutil.copytree(template, path)
-    for name in ('zope.conf', 'zope.ini'):
-        conf = path / 'etc' / name
-        conf.write_text(conf.read_text().replace(str(template), str(path)))
-    (path / 'etc' / 'smtp-password').write_text('secret\n')
-    (path / 'etc' / 'smtp-password').chmod(0o600)   # as the README says
-    return path
-
-
-@pytest.fixture(autouse=True)
-def zope_state(monkeypatch):
-    """Put back what loading zope.conf changes: App.config's configuration,
-    the homes and environment variables, HTTPRequest's retry count."""
-    def reset():
-        monkeypatch.setattr(App.config, '_config', config)
-        for name in ('INSTANCE_HOME', 'CLIENT_HOME', 'CHAMELEON_CACHE',
-                     'MAILOUT_CONFIG'):
-            monkeypatch.delenv(name, raising=False)
-    config = App.config._config
-    monkeypatch.setattr(FindHomes, 'INSTANCE_HOME', FindHomes.INSTANCE_HOME)
-    monkeypatch.setattr(FindHomes, 'CLIENT_HOME', FindHomes.CLIENT_HOME)
-    reset()
-    # The first import of ZPublisher.HTTPRequest installs a
-    # DefaultConfiguration and sets $INSTANCE_HOME and $CLIENT_HOME.
-    from ZPublisher.HTTPRequest import HTTPRequest
-    monkeypatch.setattr(HTTPRequest, 'retry_max_count',
-                        HTTPRequest.retry_max_count)
-    reset()
-
-
-def write_zope_conf(instance, text, imports=True):
-    """etc/zope.conf of ``instance`` with ``text`` appended (and
-    ``%import mailout`` first); its path."""
-    conf = instance / 'etc' / 'zope.conf'
-    base = conf.read_text()
-    conf.write_text(('%import mailout\n' if imports else '') + base + text)
-    return str(conf)
-
-
-def configure_zope(path):
-    """Load zope.conf as Zope2.Startup.run.make_wsgi_app does."""
-    opts = ZopeWSGIOptions(configfile=path)()
-    handleWSGIConfig(opts.configroot, opts.confighandlers)
-    App.config.setConfiguration(opts.configroot)
-    return opts.configroot
 
 
 def line_of(path, text):
