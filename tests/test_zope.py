@@ -6,7 +6,6 @@ with Zope's own code (the steps of Zope2.Startup.run.make_wsgi_app).
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
