@@ -17,13 +17,11 @@ import ZConfig
 from helpers import mailer_and_queue
 from helpers import message
 from helpers import write_config
+from helpers import write_zope_conf
 from mailout import config
 from mailout import mailers
 from mailout.message import prepare
 from mailout.processor import Processor
-from test_zope import instance  # noqa: F401 (fixtures)
-from test_zope import template  # noqa: F401
-from test_zope import write_zope_conf
 
 USER = 'zöpe'
 PASSWORD = 'Grüße-€-Zq7xWv'

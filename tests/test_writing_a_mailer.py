@@ -14,15 +14,13 @@ import pytest
 import transaction
 from zope.interface.verify import verifyObject
 
+from helpers import write_zope_conf
 from mailout import config
 from mailout.factories import build_all
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
-from test_zope import instance  # noqa: F401 (fixtures)
-from test_zope import template  # noqa: F401
-from test_zope import write_zope_conf
 
 HERE = os.path.dirname(__file__)
 EXAMPLE = os.path.join(HERE, 'mailout_httpapi')
