@@ -35,7 +35,11 @@ COMMANDS = (Process(), QueueGroup(), Check(), Send(), Metrics(), Demo())
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    main_parser = parser()
+    args = main_parser.parse_args(argv)
+    if args.command is None:        # bare "mailout"
+        main_parser.print_help()
+        return USAGE
     command = args.handler
     _log(command, args)
     try:
@@ -67,12 +71,18 @@ def parser():
         description='Transactional, queued mail-out for Zope: run queue '
                     'processors, inspect and repair queues, check relays, '
                     'send a test message.')
-    commands = main_parser.add_subparsers(dest='command', required=True,
-                                          metavar='COMMAND')
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    main_parser.add_argument('--version', action='version',
+                             version=f'mailout {_version()}')
+    # -C before the command or after it; after it, only when given, so as
+    # not to undo one given before.
+    main_parser.add_argument(
         '-C', '--config', metavar='CONFIG',
         default=os.environ.get('MAILOUT_CONFIG'),
+        help='mailout file or zope.conf (default $MAILOUT_CONFIG)')
+    commands = main_parser.add_subparsers(dest='command', metavar='COMMAND')
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        '-C', '--config', metavar='CONFIG', default=argparse.SUPPRESS,
         help='mailout file or zope.conf (default $MAILOUT_CONFIG)')
     common.add_argument('--json', action='store_true',
                         help='print JSON for scripts')
@@ -83,6 +93,15 @@ def parser():
     for command in COMMANDS:
         command.register(commands, common)
     return main_parser
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version
+    try:
+        return version('mailout')
+    except PackageNotFoundError:    # run from a source tree
+        return 'unknown'
 
 
 def _log(command, args):

@@ -201,6 +201,8 @@ class Process(Command):
         render(data)
 
     def _once(self, data):
+        if not any(r['handled'] for r in data['queues']):
+            return          # nothing to do: nothing for cron to mail
         for r in data['queues']:
             now = r['now']
             print(f"{r['delivery']} ({r['path']}): {r['handled']} handled: "

@@ -1,0 +1,66 @@
+"""The mailout command's habits: bare ``mailout``, ``--version``, ``-C``
+before the command, a quiet ``process --once`` for cron."""
+import os
+import subprocess
+import sys
+
+from helpers import write_config
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), 'mailout')
+
+
+def mailout(*args, **kw):
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def queue_config(tmp_path, port):
+    return write_config(tmp_path / 'mailout.conf', f'''
+        <smtp-mailer relay>
+          host 127.0.0.1:{port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/queue
+          processor off
+        </queued-delivery>''')
+
+
+def test_bare_mailout_prints_the_help():
+    """``mailout`` alone prints the help (with every command) and exits 2."""
+    result = mailout()
+    assert result.returncode == 2
+    assert result.stdout.startswith('usage: mailout')
+    for command in ('process', 'queue', 'check', 'send', 'metrics', 'demo'):
+        assert command in result.stdout
+
+
+def test_version():
+    """``mailout --version`` names the installed version."""
+    from importlib.metadata import version
+    result = mailout('--version')
+    assert (result.returncode, result.stdout) == (
+        0, f"mailout {version('mailout')}\n")
+
+
+def test_config_before_or_after_the_command(tmp_path, sink):
+    """-C works before the command as after it; after it, it wins over one
+    given before, and either wins over $MAILOUT_CONFIG."""
+    good = queue_config(tmp_path, sink.port)
+    env = {**os.environ, 'MAILOUT_CONFIG': str(tmp_path / 'missing.conf')}
+    for args in (['-C', good, 'queue', 'status'],
+                 ['queue', 'status', '-C', good],
+                 ['-C', str(tmp_path / 'other.conf'), 'queue', 'status',
+                  '-C', good]):
+        result = mailout(*args, env=env)
+        assert result.returncode == 0, (args, result.stderr)
+        assert str(tmp_path / 'queue') in result.stdout
+
+
+def test_process_once_is_quiet_with_nothing_to_do(tmp_path, sink):
+    """Run from cron with nothing waiting, ``process --once`` prints
+    nothing (cron mails any output), and exits 0."""
+    result = mailout('process', '--once', '-C',
+                     queue_config(tmp_path, sink.port))
+    assert (result.returncode, result.stdout, result.stderr) == (0, '', '')
