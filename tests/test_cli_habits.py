@@ -64,3 +64,35 @@ def test_process_once_is_quiet_with_nothing_to_do(tmp_path, sink):
     result = mailout('process', '--once', '-C',
                      queue_config(tmp_path, sink.port))
     assert (result.returncode, result.stdout, result.stderr) == (0, '', '')
+
+
+def test_a_mistyped_key_names_file_line_and_section(tmp_path, instance):
+    """A key the section does not know ('hots' for 'host') is reported with
+    its file, line and section: in a standalone file and in zope.conf."""
+    from helpers import write_zope_conf
+    standalone = write_config(tmp_path / 'mailout.conf', '''
+        <smtp-mailer relay>
+          hots 127.0.0.1:25
+        </smtp-mailer>''')
+    result = mailout('check', '-C', standalone)
+    assert result.returncode == 1
+    line = open(standalone).read().splitlines().index(
+        '  hots 127.0.0.1:25') + 1
+    assert (f"{standalone}, line {line}, in <smtp-mailer relay>: 'hots' is "
+            'not a key of this section') in result.stdout
+    conf = write_zope_conf(instance, '''
+<mailout mailout>
+  <smtp-mailer relay>
+    host 127.0.0.1:25
+  </smtp-mailer>
+  <queued-delivery default>
+    mailer relay
+    queue-pth /tmp/q
+  </queued-delivery>
+</mailout>
+''')
+    result = mailout('queue', 'status', '-C', conf)
+    assert result.returncode == 1
+    line = open(conf).read().splitlines().index('    queue-pth /tmp/q') + 1
+    assert (f"{conf}, line {line}, in <queued-delivery default>: 'queue-pth' "
+            'is not a key of this section') in result.stderr

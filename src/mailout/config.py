@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import sys
 from typing import Optional
 
@@ -273,16 +274,58 @@ def schema():
 
 def load(path):
     """Load a standalone mailout file; return its `MailoutSettings`."""
-    with _substitution_errors_hidden(path):
+    with _substitution_errors_hidden(path), _unknown_keys_located(path):
         config, _ = ZConfig.loadConfig(schema(), path)
     return config.mailout
 
 
 def loads(text):
     """Load standalone mailout configuration from a string."""
-    with _substitution_errors_hidden('configuration text'):
+    with _substitution_errors_hidden('configuration text'), \
+            _unknown_keys_located('configuration text', text):
         config, _ = ZConfig.loadConfigFile(schema(), io.StringIO(text))
     return config.mailout
+
+
+@contextlib.contextmanager
+def _unknown_keys_located(source, text=None):
+    """ZConfig says only "'hots' is not a known key name" (it keeps the
+    line, but does not say it): add the file, the line and the section."""
+    try:
+        yield
+    except ZConfig.ConfigurationError as e:
+        match = _UNKNOWN_KEY.match(str(e))
+        lineno = getattr(e, 'lineno', None)
+        if not match or not lineno:
+            raise
+        source = (getattr(e, 'url', None) or source).removeprefix('file://')
+        if text is None:
+            try:
+                with open(source, encoding='utf-8', errors='replace') as f:
+                    text = f.read()
+            except OSError:
+                text = ''
+        section = _section_at(text, lineno)
+        raise ZConfig.ConfigurationError(
+            f'{source}, line {lineno}' + (f', in {section}' if section else '')
+            + f': {match.group(1)!r} is not a key of this section (a typo?)'
+        ) from None
+
+
+_UNKNOWN_KEY = re.compile(r"'(.+)' is not a known key name\Z")
+
+
+def _section_at(text, lineno):
+    """The innermost ``<section NAME>`` open at line ``lineno`` of ``text``,
+    or None."""
+    sections = []
+    for line in text.splitlines()[:lineno - 1]:
+        line = line.strip()
+        if line.startswith('</'):
+            sections = sections[:-1]
+        elif line.startswith('<'):
+            sections.append(line)
+    return sections[-1] if sections else None
 
 
 @contextlib.contextmanager
@@ -404,7 +447,7 @@ def _load_zope_conf(path):
             "of the instance's environment, or name a standalone mailout "
             'file') from None
     # Parsing only: no handleWSGIConfig, nothing installed in App.config.
-    with _substitution_errors_hidden(path):
+    with _substitution_errors_hidden(path), _unknown_keys_located(path):
         root = ZopeWSGIOptions(configfile=path)().configroot
     sections = _sections(getattr(root, 'product_config', None) or {})
     found = _from_product_config(path, sections)
