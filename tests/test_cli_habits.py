@@ -96,3 +96,17 @@ def test_a_mistyped_key_names_file_line_and_section(tmp_path, instance):
     line = open(conf).read().splitlines().index('    queue-pth /tmp/q') + 1
     assert (f"{conf}, line {line}, in <queued-delivery default>: 'queue-pth' "
             'is not a key of this section') in result.stderr
+
+
+def test_send_timeout(tmp_path, start_sink):
+    """``send --timeout 1`` against a relay that never answers MAIL gives
+    up after about a second (the mailer's own timeout is 30 s)."""
+    import time
+    stalled = start_sink('--stall', '60', '--stall-at', 'mail')
+    conf = queue_config(tmp_path, stalled.port)
+    started = time.monotonic()
+    result = mailout('send', '-C', conf, '--from', 'app@example.org',
+                     '--to', 'ann@example.org', '--timeout', '1')
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert 'deferred' in result.stdout

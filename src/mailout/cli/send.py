@@ -1,4 +1,5 @@
 """``mailout send``: send a test message through a configured delivery."""
+import dataclasses
 import email.message
 import logging
 import socket
@@ -11,6 +12,7 @@ from mailout.cli.base import CommandError
 from mailout.cli.base import Result
 from mailout.cli.base import load_settings
 from mailout.cli.base import processors
+from mailout.cli.base import seconds_argument
 from mailout.message import printable
 
 
@@ -36,6 +38,9 @@ class Send(Command):
         parser.add_argument('--delivery', metavar='NAME',
                             help="delivery to use (default 'default', or "
                                  'the only one)')
+        parser.add_argument('--timeout', type=seconds_argument,
+                            metavar='SECONDS',
+                            help="instead of the mailers' timeout")
 
     def log_level(self, args):
         return logging.CRITICAL     # the report says what happened
@@ -48,6 +53,10 @@ class Send(Command):
         from mailout.interfaces import MailoutError
         from mailout.cli.process import Tracker
         settings, source = load_settings(args)
+        if args.timeout:
+            settings = dataclasses.replace(settings, mailers={
+                key: _with_timeout(mailer, args.timeout)
+                for key, mailer in settings.mailers.items()})
         name = _delivery_name(args.delivery, settings.deliveries)
         queued = isinstance(settings.deliveries[name], QueuedDeliverySettings)
         if queued:
@@ -148,3 +157,10 @@ def _message(args, name, source):
                     f'{socket.getfqdn()} through delivery {name!r} '
                     f'({source}).\n')
     return msg
+
+
+def _with_timeout(mailer, timeout):
+    """Mailer settings with ``timeout`` (for those that have one)."""
+    if 'timeout' in {f.name for f in dataclasses.fields(mailer)}:
+        return dataclasses.replace(mailer, timeout=timeout)
+    return mailer
