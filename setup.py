@@ -26,10 +26,12 @@ setup(
     ],
     extras_require={
         'demo': ['aiosmtpd'],
+        'mailhost': ['Products.MailHost'],  # <mail:mailhost/>
         'test': [
             'aiosmtpd',
             'hypothesis',
             'Paste',            # the translogger in mkwsgiinstance's zope.ini
+            'Products.MailHost',  # tests/test_mailhost.py
             'pytest',
             'trustme',
             'Zope',             # tests/test_zope.py runs a real instance

@@ -4,7 +4,11 @@ They read this process's settings (``config=``, ``$MAILOUT_CONFIG`` or
 zope.conf) while ZCML is parsed and register global IMailer and
 IMailDelivery utilities under the section names.  Processors are only
 recorded here; they start when the process is ready (processor.start_all).
+``<mail:mailhost/>`` makes Products.MailHost objects send through one of
+those deliveries (mailout.mailhost).
 """
+import importlib
+
 from zope.component.zcml import utility
 from zope.configuration.config import GroupingContextDecorator
 from zope.configuration.exceptions import ConfigurationError
@@ -34,6 +38,38 @@ class IDeliveryDirective(IDeliveriesDirective):
     """Register one configured delivery and its mailer."""
 
     name = TextLine(title='Delivery name', required=True)
+
+
+class IMailHostDirective(Interface):
+    """Make every Products.MailHost object deliver through mailout."""
+
+    delivery = TextLine(
+        title='Delivery name',
+        description='The IMailDelivery utility every MailHost sends through.',
+        required=True)
+
+    immediate = TextLine(
+        title='Delivery for immediate=True',
+        description='The delivery for send(..., immediate=True); default: '
+                    'the same delivery, so those sends become transactional.',
+        required=False)
+
+
+def mailhost(_context, delivery, immediate=None):
+    # Products.MailHost is an extra: fail here, with this file and line.
+    try:
+        importlib.import_module('Products.MailHost.MailHost')
+    except ImportError as e:
+        raise ConfigurationError(
+            '<mail:mailhost/> needs Products.MailHost, which cannot be '
+            f"imported ({e}); install it with pip install 'mailout[mailhost]'"
+        ) from e
+    from mailout import mailhost as _mailhost
+    # One discriminator: a second <mail:mailhost/> is a conflict.  Order 1:
+    # after the utilities it checks for are registered.
+    _context.action(discriminator=('mailout.mailhost',),
+                    callable=_mailhost.install,
+                    args=(delivery, immediate or delivery), order=1)
 
 
 def deliveries(_context, config=None):

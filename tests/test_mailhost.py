@@ -1,0 +1,251 @@
+"""<mail:mailhost/>: Products.MailHost objects deliver through mailout.
+
+First the directive in this process (xmlconfig, a MailHost object not in a
+ZODB), then a real Zope instance served by runwsgi with a MailHost object in
+its ZODB, driven over HTTP.
+"""
+import email.header
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import transaction
+from zope.configuration import xmlconfig
+from zope.configuration.config import ConfigurationConflictError
+from zope.configuration.exceptions import ConfigurationError
+
+from helpers import HERE
+from helpers import write_zope_conf
+from helpers import zope_script
+
+MailHostModule = pytest.importorskip(
+    'Products.MailHost.MailHost',
+    reason="Products.MailHost: pip install -e '.[test]' brings it")
+from mailout import mailhost  # noqa: E402
+
+STOCK_SEND = MailHostModule.MailBase.__dict__['_send']
+
+ZCML = '''<configure xmlns="http://namespaces.zope.org/zope"
+                     xmlns:mail="http://namespaces.zope.org/mailout">
+  <include package="mailout" file="meta.zcml" />
+  <mail:deliveries config="{config}" />
+  {more}
+</configure>'''
+
+
+def load(config_file, more='<mail:mailhost delivery="default" />'):
+    xmlconfig.string(ZCML.format(config=config_file, more=more))
+
+
+def a_mailhost(**settings):
+    """A MailHost object as in a ZODB, not in one (stock defaults)."""
+    return MailHostModule.MailHost('MailHost', **settings)
+
+
+def queued(config_file):
+    """The names of the messages waiting in delivery 'default''s queue."""
+    queue = os.path.join(os.path.dirname(config_file), 'queue')
+    return sorted(os.listdir(os.path.join(queue, 'new')))
+
+
+def test_send_goes_through_the_queue_after_commit(config_file, sink):
+    """MailHost.send queues in mailout; the commit makes it go out."""
+    load(config_file)
+    host = a_mailhost(smtp_host='nowhere.invalid', smtp_port=1)
+    host.send('Hi.\n', mto='Ann <ann@example.org>',
+              mfrom='zope@example.org', subject='through mailout')
+    assert sink.messages() == []
+    transaction.commit()
+    [sent] = sink.wait_for(1)
+    assert sent['rcpt_tos'] == ['ann@example.org']
+    assert sent['mail_from'] == 'zope@example.org'
+    assert b'Subject: through mailout' in sent['data']
+
+
+def test_abort_sends_nothing(config_file, sink):
+    """An aborted transaction leaves nothing queued, nothing sent."""
+    load(config_file)
+    a_mailhost().send('Hi.\n', mto='ann@example.org',
+                      mfrom='zope@example.org', subject='never')
+    transaction.abort()
+    time.sleep(0.3)
+    assert sink.messages() == [] and queued(config_file) == []
+
+
+def test_immediate_is_transactional_by_default(config_file, sink):
+    """immediate=True goes through the same delivery: nothing before the
+    commit, nothing after an abort."""
+    load(config_file)
+    host = a_mailhost()
+    host.send('Hi.\n', mto='ann@example.org', mfrom='zope@example.org',
+              subject='immediate', immediate=True)
+    time.sleep(0.3)
+    assert sink.messages() == []
+    transaction.abort()
+    host.send('Hi.\n', mto='ann@example.org', mfrom='zope@example.org',
+              subject='immediate 2', immediate=True)
+    transaction.commit()
+    [sent] = sink.wait_for(1)
+    assert b'Subject: immediate 2' in sent['data']
+
+
+def test_immediate_names_its_own_delivery(config_file, sink):
+    """immediate="urgent": those sends go through the direct delivery."""
+    load(config_file, '<mail:mailhost delivery="default" '
+                      'immediate="urgent" />')
+    assert mailhost.installed() == ('default', 'urgent')
+    a_mailhost().send('Hi.\n', mto='ann@example.org',
+                      mfrom='zope@example.org', subject='urgent',
+                      immediate=True)
+    transaction.commit()       # a direct delivery sends in the vote
+    [sent] = sink.messages()
+    assert b'Subject: urgent' in sent['data']
+    assert queued(config_file) == []
+
+
+def test_arguments_are_converted(config_file, sink):
+    """_send as MailHost's callers use it: a bare str recipient, a Header
+    sender, str text."""
+    load(config_file)
+    host = a_mailhost()
+    host._send(email.header.Header('zope@example.org'), 'ann@example.org',
+               'Subject: converted\r\n\r\nHi.\r\n')
+    host._send('zope@example.org',
+               ('ann@example.org', email.header.Header('bob@example.org')),
+               b'Subject: converted 2\r\n\r\nHi.\r\n')
+    transaction.commit()
+    first, second = sorted(sink.wait_for(2), key=lambda m: len(m['rcpt_tos']))
+    assert first['rcpt_tos'] == ['ann@example.org']
+    assert first['mail_from'] == 'zope@example.org'
+    assert second['rcpt_tos'] == ['ann@example.org', 'bob@example.org']
+
+
+def test_message_error_becomes_mailhost_error(config_file):
+    """mailout's MessageError reaches callers as MailHostError, chained."""
+    import mailout
+    load(config_file)
+    with pytest.raises(MailHostModule.MailHostError) as info:
+        a_mailhost()._send('zope@example.org', ['ann@exa mple.org'],
+                           b'Subject: x\r\n\r\nHi.\r\n')
+    assert isinstance(info.value.__cause__, mailout.InvalidRecipient)
+    assert 'ann@exa mple.org' in str(info.value)
+
+
+def test_settings_not_used_is_logged_once(config_file, caplog):
+    """One line per MailHost object says its own settings are ignored."""
+    load(config_file)
+    host = a_mailhost(smtp_host='smtp.example.org', smtp_port=2525)
+    with caplog.at_level(logging.INFO, logger='mailout.mailhost'):
+        for _ in range(3):
+            host.send('Hi.\n', mto='ann@example.org',
+                      mfrom='zope@example.org', subject='x')
+    lines = [r.getMessage() for r in caplog.records
+             if 'are not used' in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert 'smtp.example.org:2525' in lines[0]
+    assert "delivery 'default'" in lines[0]
+
+
+def test_declared_twice_is_a_conflict(config_file):
+    """Two <mail:mailhost/> in one configuration conflict."""
+    with pytest.raises(ConfigurationConflictError):
+        load(config_file, '<mail:mailhost delivery="default" />\n'
+                          '<mail:mailhost delivery="urgent" />')
+    assert mailhost.installed() is None
+
+
+def test_unknown_delivery_is_an_error(config_file):
+    """A delivery that is not registered fails at start, naming it."""
+    with pytest.raises(ConfigurationError, match="delivery 'nosuch'"):
+        load(config_file, '<mail:mailhost delivery="default" '
+                          'immediate="nosuch" />')
+    assert MailHostModule.MailBase.__dict__['_send'] is STOCK_SEND
+
+
+def test_replaced_by_another_package_warns(config_file, caplog,
+                                           monkeypatch):
+    """A _send already replaced (Products.PrintingMailHost does that) is
+    named in a warning, and comes back with the clean-up."""
+    def printing_send(self, mfrom, mto, messageText, immediate=False):
+        print(messageText)
+    printing_send.__module__ = 'Products.PrintingMailHost.Patch'
+    monkeypatch.setattr(MailHostModule.MailBase, '_send', printing_send)
+    with caplog.at_level(logging.WARNING, logger='mailout.mailhost'):
+        load(config_file)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 'Products.PrintingMailHost.Patch.' in warning.getMessage()
+    assert MailHostModule.MailBase._send is mailhost._send
+    mailhost.uninstall()
+    assert MailHostModule.MailBase.__dict__['_send'] is printing_send
+
+
+def test_clean_up_restores_stock(config_file):
+    """Without the directive (zope.testing's clean-up) MailBase is stock."""
+    import zope.testing.cleanup
+    load(config_file)
+    assert MailHostModule.MailBase._send is mailhost._send
+    zope.testing.cleanup.cleanUp()
+    for name in mailhost.REPLACED:
+        assert getattr(MailHostModule.MailBase, name).__module__ \
+            == 'Products.MailHost.MailHost', name
+    assert mailhost.installed() is None
+
+
+def test_without_products_mailhost_the_directive_says_so(config_file):
+    """Where Products.MailHost cannot be imported: a clear
+    ConfigurationError naming the extra, with the ZCML file and line."""
+    script = (
+        'import sys; sys.modules["Products.MailHost"] = None\n'
+        'from zope.configuration import xmlconfig\n'
+        'try:\n'
+        f'    xmlconfig.string({ZCML.format(config=config_file, more="<mail:mailhost delivery=%sdefault%s />" % (chr(34), chr(34)))!r})\n'  # noqa: E501
+        'except Exception as e:\n'
+        '    print(type(e).__name__); print(e)\n')
+    result = subprocess.run([sys.executable, '-c', script],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('ConfigurationError\n'), result.stdout
+    assert 'needs Products.MailHost' in result.stdout
+    assert "pip install 'mailout[mailhost]'" in result.stdout
+    assert 'line 5.2' in result.stdout      # the <mail:mailhost/> line
+
+
+def test_status_methods_report_mailouts_queue(config_file, sink,
+                                              monkeypatch):
+    """queueLength counts mailout's queue, queueThreadAlive and
+    manage_restartQueueThread are its processor's."""
+    from zope.component import getUtility
+    from mailout.interfaces import IMailDelivery
+    load(config_file)
+    host = a_mailhost()
+    processor = getUtility(IMailDelivery, 'default').processor
+    assert host.queueThreadAlive() is False
+    assert host.queueNonDeliveryMode() is False
+    assert host.queueLength() == 0
+    host.manage_restartQueueThread('start')
+    assert host.queueThreadAlive() is True and processor.running
+    host.manage_restartQueueThread('stop')
+    assert host.queueThreadAlive() is False
+    host.send('Hi.\n', mto='ann@example.org', mfrom='zope@example.org',
+              subject='x')
+    host.send('Hi.\n', mto='bob@example.org', mfrom='zope@example.org',
+              subject='y')
+    with monkeypatch.context() as patch:     # the commit would start it
+        patch.setattr(processor, 'start', lambda: None)
+        transaction.commit()
+    assert host.queueLength() == 2
+    host.manage_restartQueueThread('start')
+    sink.wait_for(2)
+    deadline = time.monotonic() + 5
+    while host.queueLength() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host.queueLength() == 0
+    with pytest.raises(ValueError):
+        host.manage_restartQueueThread('bogus')
