@@ -64,6 +64,44 @@ def stop_process(process):
             process.wait()
 
 
+def smtp_mailer(port, *lines, tls='none', name='relay'):
+    """An ``<smtp-mailer NAME>`` section for 127.0.0.1:``port`` (or each of
+    a list of ports, in order), with ``tls`` (left out if None) and
+    ``lines`` (more keys)."""
+    ports = port if isinstance(port, (list, tuple)) else [port]
+    keys = [f'host 127.0.0.1:{each}' for each in ports]
+    if tls is not None:
+        keys.append(f'tls {tls}')
+    keys.extend(lines)
+    return f'<smtp-mailer {name}>\n{{}}\n</smtp-mailer>'.format(
+        '\n'.join(f'  {key}' for key in keys if key))
+
+
+def config_text(port, queue_path=None, mailer_lines=(), delivery_lines=(),
+                direct=False, tls='none'):
+    """The sections of a standalone config (for `write_config` or
+    `load_config`): mailer 'relay' (`smtp_mailer`) -> 127.0.0.1:``port``;
+    queued delivery 'default' in ``queue_path`` with ``delivery_lines``
+    if a path is given; direct delivery 'urgent' if ``direct``."""
+    sections = [smtp_mailer(port, *mailer_lines, tls=tls)]
+    if queue_path is not None:
+        keys = ['mailer relay', f'queue-path {queue_path}', *delivery_lines]
+        sections.append('<queued-delivery default>\n{}\n'
+                        '</queued-delivery>'.format(
+                            '\n'.join(f'  {key}' for key in keys if key)))
+    if direct:
+        sections.append('<direct-delivery urgent>\n  mailer relay\n'
+                        '</direct-delivery>')
+    return '\n'.join(sections) + '\n'
+
+
+def load_config(body):
+    """The settings of ``<mailout>`` around ``body`` (`config.loads`)."""
+    from mailout import config
+    return config.loads('<mailout>\n' + textwrap.dedent(body)
+                        + '\n</mailout>\n')
+
+
 def write_config(path, body):
     """Write a standalone mailout file: ``<mailout>`` around ``body``."""
     with open(path, 'w') as f:
@@ -100,20 +138,61 @@ def mailer_and_queue(tmp_path, mailer_section):
 def direct_delivery(port, *mailer_lines):
     """A direct delivery whose SMTP mailer talks plain SMTP to
     127.0.0.1:``port``, built from real configuration."""
-    from mailout import config
     from mailout.factories import build_all
-    lines = '\n'.join(mailer_lines)
-    _, deliveries = build_all(config.loads(f'''<mailout>
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-          {lines}
-        </smtp-mailer>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    </mailout>'''))
+    _, deliveries = build_all(load_config(
+        config_text(port, mailer_lines=mailer_lines, direct=True)))
     return deliveries['urgent']
+
+
+def enqueue(queue, *subjects, to=('ann@example.org',),
+            fromaddr='app@example.org', body='body\r\n', headers='',
+            one_per_recipient=False, smtputf8=False, separately=False,
+            message_ids=False):
+    """Commit one message a subject into ``queue`` (a `Queue`), in that
+    order, as a Zope process with ``processor off`` would: all in one
+    transaction, or each in its own (``separately``).  The message is
+    ``headers`` (``{to}`` becomes its recipients), ``Subject:`` and
+    ``body``; with ``one_per_recipient``, a message a subject and
+    recipient.  Their queue names, or their Message-Ids (``message_ids``).
+    """
+    from mailout.message import prepare
+    envelopes = [
+        prepare(fromaddr, list(recipients),
+                headers.format(to=', '.join(recipients))
+                + f'Subject: {subject}\r\n\r\n{body}', smtputf8=smtputf8)
+        for subject in subjects
+        for recipients in ([(one,) for one in to] if one_per_recipient
+                           else [tuple(to)])]
+    if separately:
+        names = []
+        for envelope in envelopes:
+            names.append(queue.write(envelope))
+            queue.commit(names[-1:])
+    else:
+        names = [queue.write(envelope) for envelope in envelopes]
+        queue.commit(names)
+    if message_ids:
+        return [envelope.message_id for envelope in envelopes]
+    return names
+
+
+def queue_path(queue):
+    """The directory of ``queue``: a `Queue`, a queued delivery or a path.
+    """
+    return str(getattr(queue, 'path', None)
+               or getattr(queue, 'queuePath', None) or queue)
+
+
+def files_in(queue, area):
+    """The file names in ``area`` (tmp, new, cur, deferred, failed) of
+    ``queue`` (see `queue_path`), sorted."""
+    return sorted(os.listdir(os.path.join(queue_path(queue), area)))
+
+
+def areas(queue):
+    """``{area: files_in(queue, area)}`` for every area of ``queue``."""
+    from mailout.queue.names import AREAS
+    return {area: files_in(queue, area) for area in AREAS}
 
 
 def failed(queue, name):

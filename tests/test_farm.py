@@ -2,34 +2,22 @@
 import os
 import time
 
+from helpers import enqueue
 from helpers import failed
+from helpers import files_in
 from helpers import mailer_and_queue
-from mailout.message import prepare
+from helpers import smtp_mailer
 from mailout.processor import Processor
 
 
 def farm(tmp_path, ports, connections=1, extra=''):
-    hosts = '\n'.join(f'host 127.0.0.1:{port}' for port in ports)
-    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer farm>
-          {hosts}
-          tls none
-          timeout 2s
-          {extra}
-        </smtp-mailer>''')
+    mailer, queue = mailer_and_queue(
+        tmp_path, smtp_mailer(ports, 'timeout 2s', extra, name='farm'))
     return Processor(queue, mailer, connections=connections), queue
 
 
-def enqueue(queue, count, to='ann@example.org', fromaddr='app@example.org',
-            smtputf8=False):
-    names = [queue.write(prepare(fromaddr, [to],
-                                 f'Subject: {i}\r\n\r\nbody\r\n',
-                                 smtputf8=smtputf8))
-             for i in range(count)]
-    queue.commit(names)
-
-
 def empty(queue, *areas):
-    return all(not os.listdir(os.path.join(queue.path, a)) for a in areas)
+    return all(not files_in(queue, a) for a in areas)
 
 
 def drain(processor, queue, timeout=20):
@@ -45,7 +33,7 @@ def test_connections_are_spread_over_relays(tmp_path, start_sink):
     sinks = [start_sink(), start_sink()]
     processor, queue = farm(tmp_path, [s.port for s in sinks], connections=4,
                             extra='messages-per-connection 5')
-    enqueue(queue, 60)
+    enqueue(queue, *range(60))
     drain(processor, queue)
     counts = [len(s.messages()) for s in sinks]
     assert sum(counts) == 60 and min(counts) > 0, counts
@@ -59,7 +47,7 @@ def test_one_relay_down_others_take_its_share(tmp_path, start_sink):
     sinks[1].stop()
     processor, queue = farm(tmp_path, [s.port for s in sinks], connections=3,
                             extra='messages-per-connection 4')
-    enqueue(queue, 60)
+    enqueue(queue, *range(60))
     drain(processor, queue)
     counts = [len(s.messages()) for s in sinks]
     assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0, counts
@@ -75,14 +63,13 @@ def test_relay_at_rest_defers_without_waiting(tmp_path, start_sink):
     port = sink.port
     sink.stop()
     processor, queue = farm(tmp_path, [port], extra='down-time 1s')
-    enqueue(queue, 5)
+    enqueue(queue, *range(5))
     start = time.monotonic()
     processor.run_once()
     assert time.monotonic() - start < 2
-    assert len(os.listdir(os.path.join(queue.path, 'deferred'))) == 5
+    assert len(files_in(queue, 'deferred')) == 5
     with open(os.path.join(queue.path, 'deferred',
-                           sorted(os.listdir(os.path.join(
-                               queue.path, 'deferred')))[-1]), 'rb') as f:
+                           files_in(queue, 'deferred')[-1]), 'rb') as f:
         assert b'marked down after' in f.read()
 
 
@@ -90,7 +77,7 @@ def test_messages_per_connection(tmp_path, sink):
     """After messages-per-connection messages a new connection is opened."""
     processor, queue = farm(tmp_path, [sink.port],
                             extra='messages-per-connection 2')
-    enqueue(queue, 5)
+    enqueue(queue, *range(5))
     processor.run_once()
     peers = [m['peer'] for m in sink.messages()]
     assert len(peers) == 5 and len(set(peers)) == 3
@@ -104,7 +91,7 @@ def test_smtputf8_addresses(tmp_path, start_sink):
         (tmp_path / outcome).mkdir()
         processor, queue = farm(tmp_path / outcome, [sink.port],
                                 extra='smtputf8 on')
-        enqueue(queue, 1, to='用户@例子.广告', fromaddr='josé@exämple.org',
+        enqueue(queue, 0, to=('用户@例子.广告',), fromaddr='josé@exämple.org',
                 smtputf8=True)
         processor.run_once()
         if outcome == 'sent':
@@ -113,7 +100,7 @@ def test_smtputf8_addresses(tmp_path, start_sink):
             assert 'SMTPUTF8' in received['mail_options']
         else:
             assert sink.messages() == []
-            [name] = os.listdir(os.path.join(queue.path, 'failed'))
+            [name] = files_in(queue, 'failed')
             assert failed(queue, name).attempts[-1].endswith(
                 '555 5.6.7 the relay does not offer SMTPUTF8, which the '
                 'non-ASCII addresses need')

@@ -6,14 +6,16 @@ import pytest
 import zope.event
 from zope.interface.verify import verifyObject
 
+from helpers import enqueue
 from helpers import failed
+from helpers import files_in
 from helpers import mailer_and_queue
+from helpers import smtp_mailer
 from mailout.interfaces import IMailDeferredEvent
 from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
-from mailout.message import prepare
 from mailout.processor import Processor
 from mailout.processor import RetryPolicy
 from mailout.queue import Queue
@@ -27,23 +29,9 @@ def events():
     zope.event.subscribers.remove(seen.append)
 
 
-def enqueue(queue, to=('ann@example.org',), subject='x'):
-    name = queue.write(prepare('app@example.org', list(to),
-                               f'Subject: {subject}\r\n\r\nbody\r\n'))
-    queue.commit([name])
-    return name
-
-
-def area(queue, name):
-    return sorted(os.listdir(os.path.join(queue.path, name)))
-
-
 def processor_for(tmp_path, port, **options):
-    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-          timeout 3s
-        </smtp-mailer>''')
+    mailer, queue = mailer_and_queue(tmp_path,
+                                     smtp_mailer(port, 'timeout 3s'))
     return Processor(queue, mailer, **options), queue
 
 
@@ -53,13 +41,14 @@ def test_partial_refusal(tmp_path, start_sink, events):
     sink = start_sink('--refuse', 'bob@example.org=550 5.1.1 no such user',
                       '--refuse', 'carl@example.org=450 4.2.1 mailbox busy')
     processor, queue = processor_for(tmp_path, sink.port)
-    name = enqueue(queue, to=('ann@example.org', 'bob@example.org',
-                              'carl@example.org'))
+    [name] = enqueue(queue, 'x', to=('ann@example.org', 'bob@example.org',
+                                     'carl@example.org'))
     before = time.time()
     processor.run_once()
     [received] = sink.messages()
     assert received['rcpt_tos'] == ['ann@example.org']
-    assert area(queue, 'failed') == [name] and area(queue, 'deferred') == [name]
+    assert (files_in(queue, 'failed') == [name]
+            and files_in(queue, 'deferred') == [name])
     with open(os.path.join(queue.path, 'failed', name), 'rb') as f:
         failed = f.read()
     assert b'X-Mailout-To: bob@example.org\r\n' in failed
@@ -109,7 +98,7 @@ def test_backoff_doubles_up_to_max_then_succeeds(tmp_path, events):
     mailer = ScriptedMailer(down, down, down, down, {})
     processor = Processor(queue, mailer,
                           retry=RetryPolicy(min_backoff=10, max_backoff=25))
-    name = enqueue(queue)
+    [name] = enqueue(queue, 'x')
     waits = []
     for attempt in range(4):
         now = time.time()
@@ -120,8 +109,8 @@ def test_backoff_doubles_up_to_max_then_succeeds(tmp_path, events):
     assert waits == [10, 20, 25, 25]
     processor.run_once()
     assert mailer.sent == [('ann@example.org',)]
-    assert all(area(queue, a) == [] for a in ('new', 'cur', 'deferred',
-                                              'failed'))
+    assert all(files_in(queue, a) == [] for a in ('new', 'cur', 'deferred',
+                                                  'failed'))
     assert [type(e).__name__ for e in events] == ['MailDeferredEvent'] * 4 \
         + ['MailSentEvent']
 
@@ -134,13 +123,13 @@ def test_expired_message_fails_with_history(tmp_path, events):
     processor = Processor(queue, ScriptedMailer(down, down),
                           retry=RetryPolicy(min_backoff=1, max_backoff=1,
                                             max_lifetime=0.5))
-    name = enqueue(queue)
+    [name] = enqueue(queue, 'x')
     processor.run_once()
-    assert area(queue, 'deferred') == [name]
+    assert files_in(queue, 'deferred') == [name]
     time.sleep(0.6)
     queue.promote_due(now=time.time() + 10)
     processor.run_once()
-    assert area(queue, 'failed') == [name]
+    assert files_in(queue, 'failed') == [name]
     message = failed(queue, name)
     assert len(message.attempts) == 2
     assert 'gave up after' in message.attempts[-1]
@@ -152,12 +141,12 @@ def test_deferred_message_does_not_block_others(tmp_path):
     queue = Queue(str(tmp_path / 'q'))
     mailer = ScriptedMailer(TransientDeliveryError((421, 'busy')), {}, {})
     processor = Processor(queue, mailer)
-    first = enqueue(queue, to=('first@example.org',))
-    enqueue(queue, to=('second@example.org',))
-    enqueue(queue, to=('third@example.org',))
+    [first] = enqueue(queue, 'x', to=('first@example.org',))
+    enqueue(queue, 'x', to=('second@example.org',))
+    enqueue(queue, 'x', to=('third@example.org',))
     assert processor.run_once() == 3
     assert mailer.sent == [('second@example.org',), ('third@example.org',)]
-    assert area(queue, 'deferred') == [first]
+    assert files_in(queue, 'deferred') == [first]
 
 
 def test_permanent_error_fails_whole_message(tmp_path, events):
@@ -165,9 +154,9 @@ def test_permanent_error_fails_whole_message(tmp_path, events):
     queue = Queue(str(tmp_path / 'q'))
     processor = Processor(queue, ScriptedMailer(
         PermanentDeliveryError((554, '5.7.1 rejected as spam'))))
-    name = enqueue(queue, to=('a@example.org', 'b@example.org'))
+    [name] = enqueue(queue, 'x', to=('a@example.org', 'b@example.org'))
     processor.run_once()
-    assert area(queue, 'failed') == [name]
+    assert files_in(queue, 'failed') == [name]
     assert failed(queue, name).toaddrs == ('a@example.org',
                                            'b@example.org')
     assert events[-1].reply == (554, '5.7.1 rejected as spam')
@@ -178,20 +167,20 @@ def test_unexpected_mailer_error_defers(tmp_path):
     message."""
     queue = Queue(str(tmp_path / 'q'))
     processor = Processor(queue, ScriptedMailer(RuntimeError('boom')))
-    name = enqueue(queue)
+    [name] = enqueue(queue, 'x')
     processor.run_once()
-    assert area(queue, 'deferred') == [name]
+    assert files_in(queue, 'deferred') == [name]
 
 
 def test_relay_down_defers_everything_quickly(tmp_path):
     """With the relay down, every message is deferred and nothing is lost.
     """
     processor, queue = processor_for(tmp_path, 1)
-    names = [enqueue(queue) for _ in range(5)]
+    names = enqueue(queue, *['x'] * 5, separately=True)
     start = time.monotonic()
     processor.run_once()
     assert time.monotonic() - start < 5
-    assert area(queue, 'deferred') == sorted(names)
+    assert files_in(queue, 'deferred') == sorted(names)
 
 
 def test_rate_limit_spaces_messages(tmp_path):
@@ -201,7 +190,7 @@ def test_rate_limit_spaces_messages(tmp_path):
     mailer = ScriptedMailer()
     processor = Processor(queue, mailer, rate=5)
     for i in range(10):
-        enqueue(queue, subject=str(i))
+        enqueue(queue, str(i))
     start = time.monotonic()
     assert processor.run_once() == 10
     assert time.monotonic() - start >= 0.9
@@ -217,13 +206,13 @@ def test_failing_subscriber_does_not_resend(tmp_path):
         queue = Queue(str(tmp_path / 'q'))
         mailer = ScriptedMailer()
         processor = Processor(queue, mailer)
-        enqueue(queue, subject='1')
-        enqueue(queue, subject='2')
+        enqueue(queue, '1')
+        enqueue(queue, '2')
         assert processor.run_once() == 2
     finally:
         zope.event.subscribers.remove(broken)
     assert len(mailer.sent) == 2
-    assert all(area(queue, a) == [] for a in ('new', 'cur', 'deferred'))
+    assert all(files_in(queue, a) == [] for a in ('new', 'cur', 'deferred'))
 
 
 def test_retries_are_not_starved_by_new_mail(tmp_path):
@@ -234,17 +223,17 @@ def test_retries_are_not_starved_by_new_mail(tmp_path):
     class Busy(ScriptedMailer):
         def send(self, fromaddr, toaddrs, message):
             if len(self.sent) < 300:            # mail keeps coming
-                enqueue(queue, to=('new@example.org',))
+                enqueue(queue, 'x', to=('new@example.org',))
             time.sleep(0.002)
             return super().send(fromaddr, toaddrs, message)
     mailer = Busy()
     processor = Processor(queue, mailer, poll_interval=0.05)
-    name = enqueue(queue, to=('retry@example.org',))
+    [name] = enqueue(queue, 'x', to=('retry@example.org',))
     claimed = queue.claim(name)
     queue.defer(claimed, ('retry@example.org',), 'x 451 later',
                 time.time() + 0.1)
     for _ in range(20):
-        enqueue(queue, to=('new@example.org',))
+        enqueue(queue, 'x', to=('new@example.org',))
     processor.process_waiting()     # what each sender thread runs
     position = mailer.sent.index(('retry@example.org',))
     assert position < 150, position
@@ -262,5 +251,5 @@ def test_processor_restarts_cleanly(tmp_path, sink):
                if t.name.startswith('mailout  sender')]
     assert len(senders) == 2
     processor.stop()
-    enqueue(queue)
+    enqueue(queue, 'x')
     assert processor.run_once() == 1

@@ -7,10 +7,16 @@ import time
 import pytest
 import transaction
 
+from helpers import config_text
+from helpers import enqueue
+from helpers import files_in
+from helpers import load_config
 from mailout import queue as queue_module
 from mailout.message import prepare
 from mailout.queue import Queue
 from mailout.queue import names
+
+A, B = 'a@example.org', 'b@example.org'
 
 
 @pytest.fixture
@@ -18,25 +24,13 @@ def queue(tmp_path):
     return Queue(str(tmp_path / 'q'))
 
 
-def add(queue, n=1, to=('b@example.org',)):
-    names = [queue.write(prepare('a@example.org', list(to),
-                                 f'Subject: {i}\r\n\r\nbody\r\n'))
-             for i in range(n)]
-    queue.commit(names)
-    return names
-
-
-def files(queue, area):
-    return sorted(os.listdir(os.path.join(queue.path, area)))
-
-
 def test_write_commit_claim_done(queue):
     """A message goes tmp/ -> new/ -> cur/ -> gone, one rename each."""
     name = queue.write(prepare('a@example.org', ['b@example.org'],
                                'Subject: x\r\n\r\nbody\r\n'))
-    assert files(queue, 'tmp') == [name] and files(queue, 'new') == []
+    assert files_in(queue, 'tmp') == [name] and files_in(queue, 'new') == []
     queue.commit([name])
-    assert files(queue, 'tmp') == [] and queue.waiting() == [name]
+    assert files_in(queue, 'tmp') == [] and queue.waiting() == [name]
     claimed = queue.claim(name)
     assert queue.claim(name) is None            # only one claim wins
     message = queue.read(claimed)
@@ -44,17 +38,18 @@ def test_write_commit_claim_done(queue):
                                                    ('b@example.org',))
     assert message.message.endswith(b'Subject: x\r\n\r\nbody\r\n')
     queue.done(claimed)
-    assert all(files(queue, area) == [] for area in queue_module.AREAS)
+    assert all(files_in(queue, area) == [] for area in queue_module.AREAS)
 
 
 def test_defer_keeps_history_and_waits(queue):
     """Deferring rewrites recipients and history; promote_due honours the
     time."""
-    [name] = add(queue, to=('b@example.org', 'c@example.org'))
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B, 'c@example.org'))
     claimed = queue.claim(name)
     until = time.time() + 100
     queue.defer(claimed, ('c@example.org',), '2026 451 later', until)
-    assert files(queue, 'deferred') == [name] and files(queue, 'cur') == []
+    assert (files_in(queue, 'deferred') == [name]
+            and files_in(queue, 'cur') == [])
     assert queue.promote_due(now=until - 1) == 0
     assert queue.promote_due(now=until) == 1
     message = queue.read(queue.claim(name))
@@ -64,11 +59,11 @@ def test_defer_keeps_history_and_waits(queue):
 
 def test_fail_keeps_message_intact(queue):
     """A failed message keeps its bytes, recipients and the reply."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     claimed = queue.claim(name)
     original = queue.read(claimed).message
     queue.fail(claimed, ('b@example.org',), '2026 550 no such user')
-    assert files(queue, 'failed') == [name]
+    assert files_in(queue, 'failed') == [name]
     with open(os.path.join(queue.path, 'failed', name), 'rb') as f:
         data = f.read()
     assert data.endswith(original)
@@ -84,12 +79,12 @@ def test_quarantine_unreadable(queue):
     with pytest.raises(queue_module.QueueError):
         queue.read(claimed)
     queue.quarantine(claimed, 'no envelope')
-    assert files(queue, 'failed') == ['1.1_x.host', '1.1_x.host.reason']
+    assert files_in(queue, 'failed') == ['1.1_x.host', '1.1_x.host.reason']
 
 
 def test_recover_claim_of_dead_process(queue):
     """A claim whose process died goes back to new/."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                           capture_output=True, text=True).stdout.strip()
     claim = str(names.Claim(name, names.HOST, int(dead), 'deadbeef'))
@@ -101,16 +96,16 @@ def test_recover_claim_of_dead_process(queue):
 
 def test_recover_leaves_live_claims(queue):
     """Claims of this process (held now) and of live processes stay."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     claimed = queue.claim(name)
     assert queue.recover() == 0
-    assert files(queue, 'cur') == [claimed]
+    assert files_in(queue, 'cur') == [claimed]
 
 
 def test_recover_stale_claim_of_own_pid(queue):
     """A claim with this pid but not held by this process (pid reused after
     a restart, as pid 1 in containers) goes back to new/."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     claim = str(names.Claim(name, names.HOST, os.getpid(), '0ldt0ken'))
     os.rename(os.path.join(queue.path, 'new', name),
               os.path.join(queue.path, 'cur', claim))
@@ -119,7 +114,7 @@ def test_recover_stale_claim_of_own_pid(queue):
 
 def test_recover_other_host_after_lease(queue):
     """Another host's claim comes back only once its lease expired."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     claim = str(names.Claim(name, 'otherhost', 123, 'abcd'))
     os.rename(os.path.join(queue.path, 'new', name),
               os.path.join(queue.path, 'cur', claim))
@@ -137,7 +132,7 @@ def test_recover_removes_unfinished_writes_of_dead_processes(queue):
                                 names.HOST))
     open(os.path.join(queue.path, 'tmp', dead), 'w').close()
     queue.recover()
-    assert files(queue, 'tmp') == [ours]
+    assert files_in(queue, 'tmp') == [ours]
 
 
 def test_zope_sendmail_queue_is_drained(tmp_path, sink):
@@ -145,7 +140,6 @@ def test_zope_sendmail_queue_is_drained(tmp_path, sink):
     by mailout without loss."""
     from zope.sendmail.delivery import QueuedMailDelivery
 
-    from mailout import config
     from mailout.factories import build_all
     path = str(tmp_path / 'q')
     legacy = QueuedMailDelivery(path)
@@ -155,16 +149,7 @@ def test_zope_sendmail_queue_is_drained(tmp_path, sink):
                     .encode())
     transaction.commit()
     assert len(os.listdir(os.path.join(path, 'new'))) == 3
-    settings = config.loads(f'''<mailout>
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {path}
-        </queued-delivery>
-    </mailout>''')
+    settings = load_config(config_text(sink.port, path))
     _, deliveries = build_all(settings)
     assert deliveries['default'].processor.run_once() == 3
     received = sink.messages()
@@ -202,8 +187,8 @@ def test_commit_interrupted_among_renames_is_finished(tmp_path, queue):
     os.rename(os.path.join(queue.path, 'tmp', first),
               os.path.join(queue.path, 'new', first))
     queue.recover()
-    assert files(queue, 'new') == sorted(renamed[n] for n in committed)
-    assert files(queue, 'tmp') == []
+    assert files_in(queue, 'new') == sorted(renamed[n] for n in committed)
+    assert files_in(queue, 'tmp') == []
 
 
 def test_predecessor_with_our_pid(queue):
@@ -220,14 +205,14 @@ def test_predecessor_with_our_pid(queue):
               os.path.join(queue.path, 'new', committed[0]))
     queue.token = 'restarted'           # as a new process with our pid
     queue.recover()
-    assert files(queue, 'new') == sorted(committed)
-    assert files(queue, 'tmp') == []
-    assert uncommitted not in files(queue, 'new')
+    assert files_in(queue, 'new') == sorted(committed)
+    assert files_in(queue, 'tmp') == []
+    assert uncommitted not in files_in(queue, 'new')
 
 
 def test_zope_sendmail_dot_files_are_not_messages(queue):
     """zope.sendmail's .sending-/.rejected- files in new/ are ignored."""
-    [name] = add(queue)
+    [name] = enqueue(queue, '0', fromaddr=A, to=(B,))
     for dot in ('.sending-', '.rejected-'):
         os.link(os.path.join(queue.path, 'new', name),
                 os.path.join(queue.path, 'new', dot + name))
