@@ -281,7 +281,8 @@ class Processor:
             return
         if not message.toaddrs:         # settled, but could not be removed
             log.info('%r: %s was delivered to every recipient already: '
-                     'removing it', self, printable(message.name))
+                     'removing it', self, _message_ids(
+                         message_id_of(message.message), message.name))
             self.queue.done(claimed)
             return
         message_id = message_id_of(message.message)
@@ -336,8 +337,9 @@ class Processor:
             # for a later attempt, never again to those who have it.
             log.error('%r: cannot record the outcome of %s (%s): released '
                       'for another attempt after %s', self,
-                      printable(message.name), printable(str(e)),
-                      _stamp(decision.until))
+                      _message_ids(message_id_of(message.message),
+                                   message.name),
+                      printable(str(e)), _stamp(decision.until))
             self.queue.release(claimed, decision.sent + recorded,
                                decision.until)
             return dataclasses.replace(
@@ -349,24 +351,24 @@ class Processor:
         """Log ``decision`` and notify its events."""
         about = message_id, message.fromaddr
         where = self.name, message.name
-        # A queue file may come from anywhere: escape what a log line shows.
-        shown = printable(message_id)
+        # Each line names the message as mail logs do (its Message-Id) and
+        # as the mailout command does (its queue id); a queue file may come
+        # from anywhere, so what a log line shows is escaped.
+        shown = _message_ids(message_id, message.name)
         if decision.sent:
             log.info('%r: sent %s to %s', self, shown, _listed(decision.sent))
             self._notify(MailSentEvent(*about, decision.sent, *where))
         if decision.failed:
             reply = decision.failed_reply
             log.error('%r: %s failed for %s: %s', self, shown,
-                      _listed(decision.failed), printable(reply[1]))
+                      _listed(decision.failed), _reply_text(reply))
             self._notify(MailFailedEvent(*about, tuple(decision.failed),
                                          *where, reply))
         if decision.deferred:
             reply = decision.deferred_reply
             log.warning('%r: %s deferred for %s until %s: %s', self,
                         shown, _listed(decision.deferred),
-                        time.strftime('%H:%M:%S',
-                                      time.localtime(decision.until)),
-                        printable(reply[1]))
+                        _stamp(decision.until), _reply_text(reply))
             self._notify(MailDeferredEvent(*about, tuple(decision.deferred),
                                            *where, reply))
 
@@ -381,6 +383,19 @@ class Processor:
 #: Errors reading a queue file that say it will never be readable.
 _UNREADABLE = {errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR,
                errno.ENXIO, errno.EINVAL}
+
+
+def _message_ids(message_id, queue_id):
+    """``<MESSAGE-ID> (queue id QUEUE-ID)``, escaped, for a log line."""
+    return printable(f'<{message_id or "?"}> (queue id {queue_id})')
+
+
+def _reply_text(reply):
+    """A reply for a log line, with its code (unless it is a summary that
+    gives each recipient's code)."""
+    code, text = reply
+    shown = code and f' {code} ' not in f' {text} '
+    return printable(f'{code} {text}' if shown else text)
 
 
 def _listed(addresses):

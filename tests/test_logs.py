@@ -1,0 +1,53 @@
+"""Log lines lead to the queue: each names its message by Message-Id and
+by queue id, keeps the reply code, and gives a retry as an ISO date-time.
+"""
+import logging
+import re
+
+import transaction
+
+from helpers import write_config
+from mailout import config
+from mailout.factories import build_all
+from mailout.processor import Processor
+
+
+def test_each_outcome_names_message_id_queue_id_and_reply_code(
+        tmp_path, start_sink, caplog):
+    """Sent, failed (550) and deferred (451) lines of one message."""
+    sink = start_sink('--refuse', 'bad@example.org=550 5.1.1 no such user',
+                      '--refuse', 'later@example.org=451 4.7.1 greylisted')
+    path = write_config(tmp_path / 'mailout.conf', f'''
+        <smtp-mailer relay>
+          host 127.0.0.1:{sink.port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/queue
+          processor off
+        </queued-delivery>''')
+    _, deliveries = build_all(config.load(path))
+    delivery = deliveries['default']
+    message_id = delivery.send(
+        'app@example.org',
+        ['ann@example.org', 'bad@example.org', 'later@example.org'],
+        'Subject: x\r\n\r\nHi.\r\n')
+    transaction.commit()
+    [queue_id] = delivery.queue.waiting()
+    processor = Processor(delivery.queue, delivery.mailer)
+    with caplog.at_level(logging.INFO, 'mailout.processor'):
+        processor.run_once()
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == 'mailout.processor']
+    about = f'<{message_id}> (queue id {queue_id})'
+    sent, failed, deferred = (
+        [line for line in lines if word in line and about in line]
+        for word in (': sent ', ' failed for ', ' deferred for '))
+    assert len(sent) == 1 and sent[0].endswith('to ann@example.org')
+    assert len(failed) == 1
+    assert failed[0].endswith('bad@example.org: 550 5.1.1 no such user')
+    assert len(deferred) == 1
+    assert re.search(r'deferred for later@example\.org until '
+                     r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: 451 4\.7\.1 '
+                     r'greylisted$', deferred[0]), deferred[0]
