@@ -12,6 +12,7 @@ the first message takes the fault, the second must go through on the same
 or a new connection, and the first must go out (once) when retried.
 """
 import collections
+import functools
 import glob
 import json
 import os
@@ -19,9 +20,11 @@ import time
 
 import pytest
 
+import helpers
+from helpers import files_in
 from helpers import mailer_and_queue
+from helpers import smtp_mailer
 from mailout.message import message_id_of
-from mailout.message import prepare
 from mailout.processor import Processor
 from mailout.queue.fileformat import parse
 
@@ -40,31 +43,22 @@ def processor_for(tmp_path, port, *mailer_keys):
     The relay never rests after a failure (down-time 0), so that each row
     shows what one fault does to one message; test_farm.py shows resting.
     """
-    keys = '\n'.join(mailer_keys or ['tls none'])
-    mailer, queue = mailer_and_queue(tmp_path, f'''<smtp-mailer relay>
-          host 127.0.0.1:{port}
-          timeout 1s
-          down-time 0
-          {keys}
-        </smtp-mailer>''')
+    mailer, queue = mailer_and_queue(tmp_path, smtp_mailer(
+        port, 'timeout 1s', 'down-time 0', *(mailer_keys or ['tls none']),
+        tls=None))
     return Processor(queue, mailer), queue
 
 
-def enqueue(queue, *subjects, to=(ANN,), body='body\r\n'):
-    """Commit one message a subject (in that order); return their ids."""
-    ids = []
-    for subject in subjects:
-        envelope = prepare(FROM, list(to),
-                           f'Subject: {subject}\r\n\r\n{body}')
-        queue.commit([queue.write(envelope)])
-        ids.append(envelope.message_id)
-    return ids
+#: Commit one message a subject (each in its own transaction, in that
+#: order) from FROM; their Message-Ids.
+enqueue = functools.partial(helpers.enqueue, fromaddr=FROM, to=(ANN,),
+                            separately=True, message_ids=True)
 
 
 def queued(queue, area):
     """``[(message id, QueuedMessage)]`` of ``deferred/`` or ``failed/``."""
     result = []
-    for name in sorted(os.listdir(os.path.join(queue.path, area))):
+    for name in files_in(queue, area):
         if name.endswith('.reason'):    # beside a quarantined file
             continue
         with open(os.path.join(queue.path, area, name), 'rb') as f:
@@ -79,7 +73,7 @@ def assert_outcome(queue, sinks, expected):
     'failed'), nothing else is anywhere, and nothing is left in new/, cur/
     or tmp/."""
     for area in ('new', 'cur', 'tmp'):
-        assert os.listdir(os.path.join(queue.path, area)) == [], area
+        assert files_in(queue, area) == [], area
     places = collections.defaultdict(list)
     for sink in sinks if isinstance(sinks, list) else [sinks]:
         for record in sink.messages():
