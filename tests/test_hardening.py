@@ -19,6 +19,8 @@ import time
 import pytest
 import transaction
 
+from helpers import config_text
+from helpers import files_in
 from helpers import write_config
 from mailout.factories import build_all
 from mailout import config
@@ -84,25 +86,15 @@ def sections(queue_path, port, mailer_lines='', delivery_lines=''):
     """This module's configuration: SMTP mailer 'relay' talking to the sink
     at ``port`` (no TLS, 2 s timeout, no rest) and queued delivery
     'default' (processor off)."""
-    return f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-          timeout 2s
-          down-time 0
-          {mailer_lines}
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {queue_path}
-          processor off
-          {delivery_lines}
-        </queued-delivery>'''
+    return config_text(
+        port, queue_path,
+        mailer_lines=('timeout 2s', 'down-time 0', mailer_lines),
+        delivery_lines=('processor off', delivery_lines))
 
 
 def mailout_text(queue_path, port, **lines):
     """`sections` as a whole standalone configuration."""
-    return f'<mailout>{sections(queue_path, port, **lines)}\n</mailout>'
+    return f'<mailout>\n{sections(queue_path, port, **lines)}</mailout>\n'
 
 
 def queue_config(tmp_path, queue_path, port=25, **lines):
@@ -120,10 +112,6 @@ def setup(queue_path, port, **lines):
     processor = Processor(delivery.queue, delivery.mailer,
                           poll_interval=0.05)
     return delivery, processor, delivery.queue
-
-
-def files(queue, area):
-    return sorted(os.listdir(os.path.join(queue.path, area)))
 
 
 def text(subject, to='ann@example.org'):
@@ -184,7 +172,7 @@ def test_no_inodes_after_the_vote_loses_nothing(tmp_path, tmpfs, sink):
     delivery.send(FROM, ['ann@example.org'], text('two'))
     transaction.commit()
     assert zodb.committed
-    assert len(files(queue, 'new')) == 2 and files(queue, 'tmp') == []
+    assert len(files_in(queue, 'new')) == 2 and files_in(queue, 'tmp') == []
     assert processor.run_once() == 2
     assert subjects(sink) == ['one', 'two']
 
@@ -208,7 +196,7 @@ def test_new_removed_in_the_second_phase(tmp_path, sink, caplog, count):
                in r.getMessage() for r in caplog.records)
     assert processor.run_once() == count
     assert subjects(sink) == [f'm{i}' for i in range(count)]
-    assert files(queue, 'tmp') == files(queue, 'new') == []
+    assert files_in(queue, 'tmp') == files_in(queue, 'new') == []
 
 
 def test_an_earlier_resource_failing_to_finish_discards_no_mail(tmp_path,
@@ -242,7 +230,7 @@ def test_a_later_vote_refused_still_discards(tmp_path, sink):
     with pytest.raises(ValueError):
         transaction.commit()
     transaction.abort()
-    assert all(files(queue, a) == [] for a in ('tmp', 'new'))
+    assert all(files_in(queue, a) == [] for a in ('tmp', 'new'))
 
 
 # -- 3. an outcome that cannot be recorded -----------------------------------
@@ -259,14 +247,14 @@ def test_deferral_on_a_full_disk(tmp_path, tmpfs, start_sink):
     filler = fill(os.path.dirname(queue.path))
     assert processor.run_once() == 1
     assert [m['rcpt_tos'] for m in sink.messages()] == [['bob@example.org']]
-    assert files(queue, 'cur') == [] and files(queue, 'tmp') == []
-    assert len(files(queue, 'deferred') + files(queue, 'new')) == 1
+    assert files_in(queue, 'cur') == [] and files_in(queue, 'tmp') == []
+    assert len(files_in(queue, 'deferred') + files_in(queue, 'new')) == 1
     os.unlink(filler)
     queue.promote_due(now=time.time() + 10 ** 6)
     assert processor.run_once() == 1
     assert sorted(r for m in sink.messages() for r in m['rcpt_tos']) == \
         ['ann@example.org', 'bob@example.org']
-    assert all(files(queue, a) == [] for a in ('new', 'cur', 'deferred',
+    assert all(files_in(queue, a) == [] for a in ('new', 'cur', 'deferred',
                                                'failed', 'tmp'))
 
 
@@ -281,11 +269,11 @@ def test_quarantine_on_a_full_disk_leaves_no_reason_file(tmp_path, tmpfs,
         f.write(b'no envelope here')
     filler = fill(os.path.dirname(queue.path))
     processor.run_once()
-    assert files(queue, 'cur') == [] and files(queue, 'failed') == []
+    assert files_in(queue, 'cur') == [] and files_in(queue, 'failed') == []
     os.unlink(filler)
     queue.promote_due(now=time.time() + 10 ** 6)
     processor.run_once()
-    assert files(queue, 'failed') == ['1.garbage', '1.garbage.reason']
+    assert files_in(queue, 'failed') == ['1.garbage', '1.garbage.reason']
 
 
 def test_done_that_cannot_unlink_is_not_sent_again(tmp_path, tmpfs, sink):
@@ -300,7 +288,7 @@ def test_done_that_cannot_unlink_is_not_sent_again(tmp_path, tmpfs, sink):
     queue.promote_due()
     processor.run_once()
     assert sink.messages() == []
-    assert all(files(queue, a) == [] for a in ('new', 'cur', 'deferred'))
+    assert all(files_in(queue, a) == [] for a in ('new', 'cur', 'deferred'))
 
 
 # -- 5. the clock stepping back ------------------------------------------------
@@ -395,7 +383,7 @@ def test_empty_zope_recipients_go_to_failed_with_a_reason(tmp_path, sink):
     plant(queue, 'new', '1700000000.1234.5',
           b'X-Zope-From: a@example.org\nX-Zope-To: \nSubject: x\n\nbody\n')
     processor.run_once()
-    assert files(queue, 'failed') == ['1700000000.1234.5',
+    assert files_in(queue, 'failed') == ['1700000000.1234.5',
                                       '1700000000.1234.5.reason']
     reason = open(os.path.join(queue.path, 'failed',
                                '1700000000.1234.5.reason')).read()
@@ -422,8 +410,8 @@ def test_odd_entries_never_block_or_stick(tmp_path, sink):
     transaction.commit()
     assert run_with_deadline(processor.run_once) == 6
     assert subjects(sink) == ['good']
-    assert files(queue, 'cur') == [] and files(queue, 'new') == []
-    failed = files(queue, 'failed')
+    assert files_in(queue, 'cur') == [] and files_in(queue, 'new') == []
+    failed = files_in(queue, 'failed')
     for name in ('1.dir', '2.fifo', '3.socket', '4.link', '5.zope'):
         assert name in failed and name + '.reason' in failed
     config_path = queue_config(tmp_path, queue.path, sink.port)
@@ -451,7 +439,7 @@ def test_odd_names_in_tmp_and_cur_never_stop_recovery(tmp_path, sink, caplog):
         assert processor.run_once() == 1
     assert subjects(sink) == ['still']
     for area, names in odd.items():
-        assert sorted(names) == files(queue, area)
+        assert sorted(names) == files_in(queue, area)
         for name in names:
             assert sum(name in r.getMessage() for r in caplog.records) == 1
 
@@ -471,7 +459,7 @@ def test_disk_full_during_the_vote_leaves_no_partial_file(tmp_path, tmpfs,
         transaction.commit()
     assert raised.value.errno == errno.ENOSPC
     transaction.abort()
-    assert files(queue, 'tmp') == [] and files(queue, 'new') == []
+    assert files_in(queue, 'tmp') == [] and files_in(queue, 'new') == []
 
 
 # -- 13. inspecting a read-only queue ------------------------------------------
@@ -550,7 +538,7 @@ def test_a_planted_reason_link_is_not_followed(tmp_path, sink):
     plant(queue, 'new', '9.bad', b'no envelope')
     processor.run_once()
     assert target.read_text() == 'untouched'
-    assert '9.bad+2' in files(queue, 'failed')
+    assert '9.bad+2' in files_in(queue, 'failed')
 
 
 def test_modes_whatever_the_umask(tmp_path, sink):
@@ -568,7 +556,7 @@ def test_modes_whatever_the_umask(tmp_path, sink):
     for area in ('', 'tmp', 'new', 'cur', 'deferred', 'failed'):
         assert stat.S_IMODE(os.stat(os.path.join(queue.path, area))
                             .st_mode) == 0o700
-    [name] = files(queue, 'new')
+    [name] = files_in(queue, 'new')
     assert stat.S_IMODE(os.stat(os.path.join(queue.path, 'new', name))
                         .st_mode) == 0o600
 
@@ -672,7 +660,7 @@ Processor(queue, mailer=None).deliver(claimed)
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert 'Too many open files' in result.stderr
-    assert files(queue, 'failed') == [] and files(queue, 'cur') == []
+    assert files_in(queue, 'failed') == [] and files_in(queue, 'cur') == []
     queue.promote_due(now=time.time() + 10 ** 6)
     assert processor.run_once() == 1
     assert subjects(sink) == ['later']
@@ -689,7 +677,7 @@ def test_names_with_commas(tmp_path, sink):
               + b'\n\nhi\n')
     for name in names:
         queue.defer(queue.claim(name), ('ann@example.org',), 'x 451', 0)
-    assert files(queue, 'deferred') == names
+    assert files_in(queue, 'deferred') == names
     queue.promote_due()
     claimed = queue.claim(names[0])
     queue.forget(claimed)                   # its owner "died"
@@ -763,7 +751,7 @@ print(os.getpid())
             pytest.skip(f'cannot make a pid namespace: {outputs[0][1]}')
         pytest.fail(str(outputs))
     assert [out.strip() for out, _ in outputs] == ['1', '1']
-    assert len(os.listdir(os.path.join(queue_path, 'new'))) == 2
+    assert len(files_in(queue_path, 'new')) == 2
 
 
 def test_permission_denied_while_recording_as_a_non_root_user(start_sink):
@@ -810,7 +798,7 @@ processor.run_once()
         line = child.stdout.readline().strip()
         assert line == 'committed', child.communicate()[1]
         deadline = time.monotonic() + 10
-        while not os.listdir(os.path.join(queue_path, 'cur')):
+        while not files_in(queue_path, 'cur'):
             assert time.monotonic() < deadline and child.poll() is None, \
                 child.communicate()
             time.sleep(0.01)
@@ -823,6 +811,6 @@ processor.run_once()
         assert sorted(r for m in sink.messages() for r in m['rcpt_tos']) \
             == ['ann@example.org', 'bob@example.org']
         for area in ('tmp', 'new', 'cur', 'deferred', 'failed'):
-            assert os.listdir(os.path.join(queue_path, area)) == [], area
+            assert files_in(queue_path, area) == [], area
     finally:
         shutil.rmtree(base)
