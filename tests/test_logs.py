@@ -51,3 +51,48 @@ def test_each_outcome_names_message_id_queue_id_and_reply_code(
     assert re.search(r'deferred for later@example\.org until '
                      r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: 451 4\.7\.1 '
                      r'greylisted$', deferred[0]), deferred[0]
+
+
+def test_the_queue_commands_take_a_message_id(tmp_path, start_sink):
+    """What a log line names, the queue commands find: ``queue show`` and
+    ``queue purge`` take a Message-Id with or without angle brackets;
+    ``queue list`` shows each message's Message-Id and Subject; ``show
+    --body`` prints the message."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(sys.executable), 'mailout')
+
+    def mailout(*args):
+        return subprocess.run([script, *args], capture_output=True,
+                              text=True, timeout=60)
+    path = write_config(tmp_path / 'mailout.conf', f'''
+        <smtp-mailer relay>
+          host 127.0.0.1:{start_sink().port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery default>
+          mailer relay
+          queue-path {tmp_path}/queue
+          processor off
+        </queued-delivery>''')
+    _, deliveries = build_all(config.load(path))
+    message_id = deliveries['default'].send(
+        'app@example.org', ['ann@example.org'],
+        'Subject: =?utf-8?q?R=C3=A9union?= at noon\r\n\r\nSee you.\r\n')
+    transaction.commit()
+    [queue_id] = deliveries['default'].queue.waiting()
+    listed = mailout('queue', 'list', '-C', path).stdout
+    assert f'      <{message_id}>  Réunion at noon\n' in listed
+    for wanted in (message_id, f'<{message_id}>'):
+        shown = mailout('queue', 'show', wanted, '-C', path)
+        assert shown.returncode == 0, shown.stderr
+        assert f'id        {queue_id}\n' in shown.stdout
+    body = mailout('queue', 'show', message_id, '--body', '-C', path).stdout
+    assert '  message\n' in body and '    See you.\n' in body
+    missing = mailout('queue', 'show', '<nobody@example.org>', '-C', path)
+    assert missing.returncode == 1
+    purged = mailout('queue', 'purge', f'<{message_id}>', '--yes', '-C',
+                     path)
+    assert purged.returncode == 0, purged.stderr
+    assert deliveries['default'].queue.waiting() == []

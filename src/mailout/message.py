@@ -14,6 +14,8 @@ import email.errors
 import email.generator
 import email.header
 import email.message
+import email.parser
+import email.policy
 import email.utils
 import io
 import os
@@ -403,6 +405,18 @@ def _noted_fields(data, end):
         stop = field_end.end() if field_end else end
         fields.append((match.group(1).lower(), match.start(), stop))
     return fields
+
+
+def subject_of(data: bytes) -> Optional[str]:
+    """The Subject (RFC 2047 words decoded) of message bytes, or None."""
+    head = data[:_header_end(data)]
+    try:
+        parsed = email.parser.BytesHeaderParser(
+            policy=email.policy.default).parsebytes(head)
+        subject = parsed['Subject']
+    except (email.errors.MessageError, ValueError, IndexError):
+        return None
+    return ' '.join(str(subject).split()) if subject is not None else None
 
 
 def message_id_of(data: bytes) -> Optional[str]:

@@ -73,8 +73,9 @@ def _open_queue(path, writable):
 
 
 def _find(queues, wanted):
-    """``(names, queue, name)`` of the one message whose name is ``wanted``
-    or contains it."""
+    """``(names, queue, name)`` of the one message whose queue id is
+    ``wanted`` or contains it, or whose Message-Id is ``wanted`` (with or
+    without angle brackets)."""
     matches = []
     for names, path, queue in queues:
         if queue is None:
@@ -84,6 +85,10 @@ def _find(queues, wanted):
             return names, queue, wanted
         matches += [(names, queue, name) for name in sorted(found)
                     if wanted in name]
+    if not matches and '@' in wanted:
+        matches = [(names, queue, name) for names, _, queue in queues
+                   if queue is not None
+                   for name in sorted(queue.names_of_message_id(wanted))]
     if not matches:
         raise CommandError(FAILED, f'no message {wanted!r} in '
                            + ', '.join(path for _, path, _ in queues))
@@ -105,7 +110,8 @@ def _entry(entry, now):
         else round(now - entry.queued_at, 3),
         'size': entry.size, 'from': entry.fromaddr,
         'to': list(entry.toaddrs), 'attempts': list(entry.attempts),
-        'error': entry.error,
+        'error': entry.error, 'message_id': entry.message_id,
+        'subject': entry.subject,
     }
     if entry.area == 'deferred':
         data['next_attempt'] = when(entry.mtime)
@@ -213,6 +219,8 @@ def _line(data, now):
     line = (f"{head}  {printable(data['from'])} -> "
             f"{printable(', '.join(data['to']))}"
             f"  ({n(len(data['attempts']), 'attempt')})")
+    line += (f"\n      <{printable(data['message_id'] or '?')}>  "
+             f"{printable(data['subject'] or '(no subject)')}")
     details = []
     if data['area'] == 'deferred':
         details.append(f"next attempt {relative(data['next_attempt'], now)}")
@@ -224,10 +232,15 @@ def _line(data, now):
 class Show(QueueCommand):
     name = 'show'
     help = 'envelope, attempts and headers of one message'
+    description = ('Envelope, attempts and headers of the message ID (its '
+                   'queue id, a unique part of it, or its Message-Id); '
+                   'with --body the whole message too.')
 
     def add_arguments(self, parser):
         super().add_arguments(parser)
         parser.add_argument('id', metavar='ID')
+        parser.add_argument('--body', action='store_true',
+                            help='print the whole message')
 
     def run(self, args):
         _, queues = self.queues(args)
@@ -238,6 +251,8 @@ class Show(QueueCommand):
             data = _entry(entry, now)
             data['headers'] = _headers(entry.message) \
                 if entry.message is not None else None
+            if args.body and entry.message is not None:
+                data['message'] = entry.message.decode('utf-8', 'replace')
             copies.append(data)
         if not copies:
             raise CommandError(FAILED, f'{name} left the queue meanwhile')
@@ -276,6 +291,10 @@ class Show(QueueCommand):
                 print('  headers')
                 for key, value in data['headers']:
                     print(f'    {printable(key)}: {printable(value)}')
+            if data.get('message') is not None:
+                print('  message')
+                for line in data['message'].split('\r\n'):
+                    print(f'    {printable(line)}')
 
 
 def _headers(message):

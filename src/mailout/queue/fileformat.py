@@ -101,15 +101,23 @@ def _parse_zope_sendmail(name, data):
 
 
 def read_head(f, chunk=8192, limit=1024 * 1024):
-    """The start of a queue file, up to and including its envelope block."""
+    """The start of a queue file: its envelope block and the message's
+    header block (as much as ``limit`` holds)."""
     data = b''
     while len(data) < limit:
         more = f.read(chunk)
         data += more
-        if not more or b'\r\n\r\n' in data \
-                or (data.startswith(b'X-Zope-From:') and data.count(b'\n') >= 2):
+        if not more or _headers_read(data):
             break
     return data
+
+
+def _headers_read(data):
+    if data.startswith(b'X-Zope-From:'):
+        lines = data.split(b'\n', 2)
+        return len(lines) == 3 and (b'\n\n' in lines[2]
+                                    or b'\r\n\r\n' in lines[2])
+    return data.count(b'\r\n\r\n') >= 2
 
 
 def mark_settled(path, addresses):

@@ -3,7 +3,10 @@ import dataclasses
 import os
 import stat
 import time
+from typing import Optional
 
+from mailout.message import message_id_of
+from mailout.message import subject_of
 from mailout.queue import fileformat
 from mailout.queue import files
 from mailout.queue import names
@@ -18,12 +21,15 @@ class Entry:
     filename: str               # in cur/: NAME,HOST,PID,TOKEN-N
     mtime: float                # in deferred/: when it is tried next
     size: int
-    fromaddr: str | None = None
+    # (Optional, not "X | None": Python 3.9 evaluates these.)
+    fromaddr: Optional[str] = None
     toaddrs: tuple = ()
     attempts: tuple = ()
-    error: str | None = None    # unreadable, or why it was quarantined
-    message: bytes | None = None    # only from `Queue.locate`
-    claimed_by: tuple | None = None     # in cur/: (host, pid)
+    error: Optional[str] = None     # unreadable, or why it was quarantined
+    message: Optional[bytes] = None     # only from `Queue.locate`
+    claimed_by: Optional[tuple] = None  # in cur/: (host, pid)
+    message_id: Optional[str] = None    # without angle brackets
+    subject: Optional[str] = None
 
     @property
     def queued_at(self):
@@ -73,6 +79,8 @@ class Inspection:
             entry.fromaddr, entry.toaddrs = message.fromaddr, message.toaddrs
             entry.attempts = message.attempts
             entry.message = message.message if whole else None
+            entry.message_id = message_id_of(message.message)
+            entry.subject = subject_of(message.message)
         if area == 'failed':
             try:
                 entry.error = files.read_regular(
@@ -80,6 +88,14 @@ class Inspection:
             except (OSError, QueueError):
                 pass
         return entry
+
+    def names_of_message_id(self, message_id):
+        """The names of the messages whose Message-Id is ``message_id``
+        (with or without angle brackets); each file's head is read."""
+        wanted = message_id.strip().strip('<>')
+        return {entry.name for area in names.AREAS[1:]
+                for entry in self.entries(area)
+                if entry.message_id == wanted}
 
     def message_names(self):
         """The names of the messages in ``new/``, ``cur/``, ``deferred/``
