@@ -20,10 +20,13 @@ from unittest import mock
 
 import pytest
 
+from helpers import config_text
+from helpers import enqueue
+from helpers import files_in
+from helpers import smtp_mailer
 from helpers import write_config
 from helpers import write_zope_conf
 from mailout.cli import main
-from mailout.message import prepare
 from mailout.queue import Queue
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), 'mailout')
@@ -103,38 +106,25 @@ def queue_config(tmp_path, port, extra='', tls='none'):
     """Mailer 'relay' -> 127.0.0.1:port; queued 'default' with processor
     off (what a Zope process with an external processor has); direct
     'urgent'."""
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls {tls}
-          {extra}
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-          poll-interval 0.2s
-        </queued-delivery>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    ''')
-
-
-def enqueue(tmp_path, *recipients, subject='Hello'):
-    """Commit one message per recipient into tmp_path/queue, as a Zope
-    process with ``processor off`` would; their queue names."""
-    queue = Queue.open(str(tmp_path / 'queue'))
-    names = [queue.write(prepare('zope@example.org', [to],
-                                 f'From: zope@example.org\r\nTo: {to}\r\n'
-                                 f'Subject: {subject}\r\n\r\nHi.\r\n'))
-             for to in recipients]
-    queue.commit(names)
-    return names
+    return write_config(tmp_path / 'mailout.conf', config_text(
+        port, f'{tmp_path}/queue', mailer_lines=(extra,),
+        delivery_lines=('processor off', 'poll-interval 0.2s'),
+        direct=True, tls=tls))
 
 
 def files(tmp_path, area):
-    return sorted(os.listdir(tmp_path / 'queue' / area))
+    """`files_in` the queue of `queue_config`."""
+    return files_in(tmp_path / 'queue', area)
+
+
+def enqueue_to(tmp_path, *recipients, subject='Hello'):
+    """Commit one message per recipient into tmp_path/queue, as a Zope
+    process with ``processor off`` would; their queue names."""
+    return enqueue(Queue.open(str(tmp_path / 'queue')), subject,
+                   to=recipients, one_per_recipient=True,
+                   fromaddr='zope@example.org',
+                   headers='From: zope@example.org\r\nTo: {to}\r\n',
+                   body='Hi.\r\n')
 
 
 @pytest.fixture
@@ -150,8 +140,8 @@ def settled(tmp_path, refusing_sink):
     """A queue holding one deferred and one failed message (one more was
     sent); the config path."""
     conf = queue_config(tmp_path, refusing_sink.port)
-    enqueue(tmp_path, 'ann@example.org', 'bad@example.org',
-            'later@example.org')
+    enqueue_to(tmp_path, 'ann@example.org', 'bad@example.org',
+               'later@example.org')
     assert mailout('process', '--once', '-C', conf).returncode == 1
     assert len(files(tmp_path, 'deferred')) == 1
     assert len(files(tmp_path, 'failed')) == 1
@@ -245,7 +235,7 @@ def test_send_through_queued_delivery(config_file, sink):
     assert b'Does it work?' in received['data']
     assert f"<{data['message_id']}>".encode() in received['data']
     queue = os.path.dirname(config_file) + '/queue'
-    assert not any(os.listdir(f'{queue}/{area}')
+    assert not any(files_in(queue, area)
                    for area in ('new', 'cur', 'deferred', 'failed'))
 
 
@@ -304,8 +294,8 @@ def test_process_once_summary(tmp_path, refusing_sink):
     """`process --once` drains a queue whose Zope runs no processor and
     counts sent, deferred and failed; exit 1 as not all were sent."""
     conf = queue_config(tmp_path, refusing_sink.port)
-    enqueue(tmp_path, 'ann@example.org', 'bob@example.org',
-            'bad@example.org', 'later@example.org')
+    enqueue_to(tmp_path, 'ann@example.org', 'bob@example.org',
+               'bad@example.org', 'later@example.org')
     status, data = mailout_json('process', '--once', '-C', conf)
     assert status == 1
     [queue] = data['queues']
@@ -315,7 +305,7 @@ def test_process_once_summary(tmp_path, refusing_sink):
     assert queue['now']['waiting'] == 0 and queue['now']['deferred'] == 1
     assert len(refusing_sink.messages()) == 2
 
-    enqueue(tmp_path, 'carl@example.org')
+    enqueue_to(tmp_path, 'carl@example.org')
     result = mailout('process', '--once', '-C', conf)
     assert result.returncode == 0
     assert result.stdout.startswith(
@@ -368,8 +358,8 @@ def test_process_stops_gracefully(tmp_path, slow_sink, signum):
     """SIGTERM/SIGINT while a message is in flight: `process` finishes it,
     leaves the rest in new/ and exits 0; nothing is lost."""
     conf = queue_config(tmp_path, slow_sink.port)
-    enqueue(tmp_path, 'one@example.org', 'two@example.org',
-            'three@example.org')
+    enqueue_to(tmp_path, 'one@example.org', 'two@example.org',
+               'three@example.org')
     daemon = subprocess.Popen([SCRIPT, 'process', '-C', conf],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
@@ -405,7 +395,7 @@ def test_process_daemon_json_lines(tmp_path, sink):
         started = json.loads(daemon.stdout.readline())
         assert started['event'] == 'started'
         assert started['queues'][0]['delivery'] == 'default'
-        [name] = enqueue(tmp_path, 'ann@example.org')   # picked up by poll
+        [name] = enqueue_to(tmp_path, 'ann@example.org')   # picked up by poll
         sent = json.loads(daemon.stdout.readline())
         daemon.send_signal(signal.SIGTERM)
         out, _ = daemon.communicate(timeout=30)
@@ -425,14 +415,8 @@ def test_process_daemon_json_lines(tmp_path, sink):
 def test_process_without_queued_delivery(tmp_path, sink):
     """A configuration with only direct deliveries: nothing to process,
     exit 1."""
-    conf = write_config(tmp_path / 'direct.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-        </smtp-mailer>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    ''')
+    conf = write_config(tmp_path / 'direct.conf',
+                        config_text(sink.port, tls=None, direct=True))
     result = mailout('process', '-C', conf)
     assert result.returncode == 1
     assert 'has no queued delivery' in result.stderr
@@ -443,7 +427,7 @@ def test_process_without_queued_delivery(tmp_path, sink):
 def test_queue_status(tmp_path, settled):
     """`queue status` counts each area, the oldest message and the newest
     error, in JSON and for people."""
-    enqueue(tmp_path, 'waiting@example.org')
+    enqueue_to(tmp_path, 'waiting@example.org')
     status, data = mailout_json('queue', 'status', '-C', settled)
     assert status == 0
     [queue] = data['queues']
@@ -550,10 +534,9 @@ def test_queue_retry_partial_failure_keeps_both_parts(tmp_path,
     without one overwriting the other."""
     conf = queue_config(tmp_path, refusing_sink.port)
     queue = Queue.open(str(tmp_path / 'queue'))
-    [name] = [queue.write(prepare('zope@example.org',
-                                  ['bad@example.org', 'later@example.org'],
-                                  'Subject: two\r\n\r\nHi.\r\n'))]
-    queue.commit([name])
+    [name] = enqueue(queue, 'two',
+                     to=('bad@example.org', 'later@example.org'),
+                     fromaddr='zope@example.org', body='Hi.\r\n')
     mailout('process', '--once', '-C', conf)
     assert files(tmp_path, 'failed') == files(tmp_path, 'deferred') == [name]
 
@@ -689,13 +672,8 @@ def test_check_names_a_down_relay(tmp_path, sink):
     down.bind(('127.0.0.1', 0))
     down_port = down.getsockname()[1]
     down.close()                                    # nobody listens there
-    conf = write_config(tmp_path / 'farm.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          host 127.0.0.1:{down_port}
-          tls none
-        </smtp-mailer>
-    ''')
+    conf = write_config(tmp_path / 'farm.conf',
+                        smtp_mailer([sink.port, down_port]))
     result = mailout('check', '-C', conf)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
