@@ -1,5 +1,6 @@
 """Fixtures: real SMTP server processes, certificates, configs, clean-up,
-a Zope instance; the ``slow`` marker."""
+a Zope instance, a private Postfix (from tests/postfix.py); the ``slow``
+marker."""
 import os
 import shutil
 import subprocess
@@ -9,9 +10,16 @@ import transaction
 import zope.component.testing
 
 from helpers import Sink
+from helpers import config_text
 from helpers import write_config
 from helpers import zope_script
 from mailout import processor
+# The private Postfix instance (tests/postfix.py), for any test module:
+from postfix import postfix              # noqa: F401 (fixtures)
+from postfix import postfix_installed    # noqa: F401
+from postfix import postfix_sink         # noqa: F401
+from postfix import relay_sink           # noqa: F401
+from postfix import through_postfix      # noqa: F401
 
 
 def pytest_addoption(parser):
@@ -81,19 +89,8 @@ def certs(tmp_path_factory):
 def config_file(tmp_path, sink):
     """A standalone config: mailer 'relay' -> the sink; queued delivery
     'default' and direct delivery 'urgent'."""
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-        </queued-delivery>
-        <direct-delivery urgent>
-          mailer relay
-        </direct-delivery>
-    ''')
+    return write_config(tmp_path / 'mailout.conf', config_text(
+        sink.port, f'{tmp_path}/queue', direct=True))
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ Where Cyrus SASL's ``saslpasswd2`` is installed (Debian: sasl2-bin), a
 second port takes AUTH PLAIN/LOGIN over TLS only and relays for
 authenticated clients only.
 
-The fixtures below are imported by test_postfix.py.  Without
+The fixtures below are imported by conftest.py, for any test module.  Without
 /usr/sbin/postfix they skip, unless ``MAILOUT_TEST_POSTFIX`` is set (CI sets
 it after installing Debian's postfix): then they fail.
 """

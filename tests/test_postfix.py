@@ -11,13 +11,9 @@ import pytest
 import transaction
 
 import postfix as pf
+from helpers import areas
 from helpers import message
-from postfix import postfix              # noqa: F401 (fixtures)
-from postfix import postfix_installed    # noqa: F401
-from postfix import postfix_sink         # noqa: F401
-from postfix import relay_sink           # noqa: F401
 from postfix import split_received
-from postfix import through_postfix      # noqa: F401
 
 SENDER = 'sender@example.org'
 
@@ -27,11 +23,6 @@ def dated(subject, message_id, **kw):
     nor Postfix adds any header but Received."""
     return message(subject, headers=f'Message-Id: <{message_id}>\n'
                    'Date: Wed, 25 Nov 2026 09:00:00 +0000\n', **kw)
-
-
-def areas(delivery):
-    return {area: sorted(os.listdir(os.path.join(delivery.queuePath, area)))
-            for area in ('tmp', 'new', 'cur', 'deferred', 'failed')}
 
 
 def wait_for_area(delivery, area, count=1, timeout=10):

@@ -11,10 +11,6 @@ from mailout import config
 from mailout.factories import build_all
 from mailout.interfaces import PermanentDeliveryError
 from mailout.interfaces import TransientDeliveryError
-from postfix import postfix              # noqa: F401 (fixtures)
-from postfix import postfix_installed    # noqa: F401
-from postfix import postfix_sink         # noqa: F401
-from postfix import relay_sink           # noqa: F401
 from postfix import split_received
 
 FAKE = '''#!{python}
