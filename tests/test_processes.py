@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+from helpers import config_text
 from helpers import write_config
 
 SCRIPT_HEAD = '''
@@ -43,16 +44,8 @@ def run(script, config):
 
 
 def process_config(tmp_path, name, port):
-    return write_config(tmp_path / f'{name}.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/{name}-queue
-        </queued-delivery>
-    ''')
+    return write_config(tmp_path / f'{name}.conf',
+                        config_text(port, f'{tmp_path}/{name}-queue'))
 
 
 def test_two_processes_two_configs_two_relays(tmp_path, start_sink):

@@ -12,11 +12,12 @@ import time
 
 import pytest
 
+import helpers
 from helpers import HERE
+from helpers import load_config
 from helpers import message
 from helpers import stop_process
 from helpers import write_config
-from mailout import config
 from mailout import mailers
 from mailout.interfaces import TransientDeliveryError
 
@@ -45,14 +46,8 @@ def start_badrelay():
 
 
 def smtp_mailer(port, timeout='1s'):
-    settings = config.loads(f'''<mailout>
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-          timeout {timeout}
-          down-time 60s
-        </smtp-mailer>
-    </mailout>''').mailers['relay']
+    settings = load_config(helpers.smtp_mailer(
+        port, f'timeout {timeout}', 'down-time 60s')).mailers['relay']
     return mailers.SMTPMailer(settings)
 
 
@@ -170,11 +165,8 @@ def test_check_ends_within_its_timeout(tmp_path, start_badrelay, at):
     greeting or EHLO reply ends in about a second, exit status 1, saying
     what happened."""
     port = start_badrelay('--fault', 'trickle', '--at', at)
-    conf = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>''')
+    conf = write_config(tmp_path / 'mailout.conf',
+                        helpers.smtp_mailer(port))
     started = time.monotonic()
     result = subprocess.run([SCRIPT, 'check', '-C', conf, '--timeout', '1'],
                             capture_output=True, text=True, timeout=30)
