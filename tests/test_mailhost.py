@@ -249,3 +249,144 @@ def test_status_methods_report_mailouts_queue(config_file, sink,
     assert host.queueLength() == 0
     with pytest.raises(ValueError):
         host.manage_restartQueueThread('bogus')
+
+
+# -- a real Zope instance with a MailHost object in its ZODB -------------------
+
+SECTION = '''
+<mailout mailout>
+  <smtp-mailer relay>
+    host 127.0.0.1:{port}
+    tls none
+  </smtp-mailer>
+  <queued-delivery default>
+    mailer relay
+    queue-path $INSTANCE/var/mailqueue
+  </queued-delivery>
+</mailout>
+'''
+
+SITE_ZCML = '''<configure xmlns="http://namespaces.zope.org/zope"
+           xmlns:mail="http://namespaces.zope.org/mailout">
+  <include package="mailout" />
+  <mail:deliveries />
+  {mailhost}
+</configure>'''
+
+ADD_MAILHOST = '''\
+import transaction
+from Products.MailHost.MailHost import manage_addMailHost
+manage_addMailHost(app, 'MailHost', smtp_host='127.0.0.1',
+                   smtp_port={port})
+app.MailHost.smtp_queue = True      # the ZMI shows the queue status then
+transaction.commit()
+print(app._p_jar.db().lastTransaction().hex())
+'''
+
+STOCK_SCRIPT = '''\
+from Products.MailHost.MailHost import MailBase
+print(app._p_jar.db().lastTransaction().hex())
+print(MailBase._send.__module__, MailBase.queueLength.__module__)
+app.MailHost.smtp_host          # not a ghost: _p_serial is its last write
+print(app.MailHost._p_serial.hex())
+'''
+
+
+def zconsole(instance, conf, text):
+    """Run ``text`` with ``app`` in the instance (zconsole run); stdout."""
+    script = instance / 'script.py'
+    script.write_text(text)
+    result = subprocess.run(
+        zope_script('Zope2.utilities.zconsole', 'run', conf, script),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def set_up_zope(instance, port, mailhost='<mail:mailhost delivery="default" />'):
+    """zope.conf relaying to ``port``, ZCML with ``mailhost``, the test views;
+    the zope.conf path."""
+    conf = str(instance / 'etc' / 'zope.conf')
+    if 'mailout' not in (instance / 'etc' / 'zope.conf').read_text():
+        conf = write_zope_conf(instance, SECTION.format(port=port))
+    includes = instance / 'etc' / 'package-includes'
+    includes.mkdir(exist_ok=True)
+    (includes / 'mailout-meta.zcml').write_text(
+        '<include package="mailout" file="meta.zcml" '
+        'xmlns="http://namespaces.zope.org/zope" />')
+    (includes / 'mailout-configure.zcml').write_text(
+        SITE_ZCML.format(mailhost=mailhost))
+    (includes / 'zopeapp-configure.zcml').write_text(
+        '<include package="zopeapp" file="mailhost.zcml" '
+        'xmlns="http://namespaces.zope.org/zope" />')
+    return conf
+
+
+def test_zope_instance_mailhost_sends_through_mailout(instance, sink):
+    """A MailHost object in a real Zope instance: a request's send arrives
+    through mailout's queue, a failing request's never; the ZMI's status
+    methods are mailout's; without the directive the object is stock and
+    the ZODB was never written."""
+    from zopeserver import Server
+    from zopeserver import wait_until
+    conf = set_up_zope(instance, sink.port)
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        filter(None, [HERE, os.environ.get('PYTHONPATH')]))
+    # The object's own settings point at the sink too: only the queue
+    # counts below show which route a message took.
+    created = zconsole(instance, conf, ADD_MAILHOST.format(port=sink.port))
+    last_transaction = created.split()[-1]
+    queue = instance / 'var' / 'mailqueue'
+
+    with Server(instance) as server:
+        assert server.request('/MailHost/queueThreadAlive') == (200, 'True')
+        assert server.request('/@@mailhost-send', to='ann@example.org') \
+            == (200, 'sent')
+        [sent] = sink.wait_for(1)
+        assert sent['rcpt_tos'] == ['ann@example.org']
+        assert b'Sent through context.MailHost.' in sent['data']
+        assert b'Message-Id: <' in sent['data']       # added by mailout
+
+        status, _ = server.request('/@@mailhost-send-then-fail',
+                                   to='bob@example.org')
+        assert status == 500
+        time.sleep(1)       # a committed message would have gone by now
+        assert len(sink.messages()) == 1
+        for area in ('tmp', 'new', 'cur', 'deferred', 'failed'):
+            assert os.listdir(queue / area) == [], area
+
+        # The ZMI's "Stop queue processor" stops mailout's processor.
+        status, page = server.request(
+            '/MailHost/manage_restartQueueThread', data={'action': 'stop'},
+            auth='admin:admin')
+        assert status == 200 and 'Queue processor thread stopped' in page
+        # ZPublisher answers a false result with 204 and no body.
+        assert server.request('/MailHost/queueThreadAlive') == (204, '')
+        status, page = server.request('/MailHost/manage_main',
+                                      auth='admin:admin')
+        assert status == 200 and 'Start queue processor' in page
+        status, page = server.request(
+            '/MailHost/manage_restartQueueThread', data={'action': 'start'},
+            auth='admin:admin')
+        assert status == 200 and 'Queue processor thread started' in page
+        assert server.request('/@@mailhost-send', to='carl@example.org') \
+            == (200, 'sent')
+        assert len(sink.wait_for(2)) == 2
+        assert wait_until(lambda: server.request('/MailHost/queueLength')
+                          == (204, ''))
+        assert server.request('/MailHost/queueThreadAlive') == (200, 'True')
+    assert 'RuntimeError: failing after MailHost.send' in server.output
+    assert "sends through mailout delivery 'default'; its own SMTP " \
+        f"settings (127.0.0.1:{sink.port})" in server.output
+
+    # The directive's line removed: stock MailHost methods, and the object
+    # never written to the ZODB by any of the above.
+    conf = set_up_zope(instance, sink.port, mailhost='')
+    out = zconsole(instance, conf, STOCK_SCRIPT).split('\n')
+    # (Zope's own start-up writes a transaction of its own; the MailHost
+    # object was last written when it was created.)
+    assert out[1:3] == [
+        'Products.MailHost.MailHost Products.MailHost.MailHost',
+        last_transaction]
+    assert len(sink.messages()) == 2
+    assert os.listdir(queue / 'new') == []

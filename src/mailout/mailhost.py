@@ -185,7 +185,8 @@ def queueNonDeliveryMode(self: Any) -> bool:
 def manage_restartQueueThread(self: Any, action: str = 'start',
                               REQUEST: Any = None) -> Any:
     """Start or stop mailout's processor in this process (replaces
-    MailBase.manage_restartQueueThread)."""
+    MailBase.manage_restartQueueThread).  A stopped processor starts again
+    at the next commit that queues mail, as mailout's processors do."""
     if action not in ('start', 'stop'):
         raise ValueError('Unsupported action %s' % action)
     processor = _processor(self)
@@ -196,7 +197,8 @@ def manage_restartQueueThread(self: Any, action: str = 'start',
             processor.start()
     if REQUEST is not None:
         msg = 'Queue processor thread %s' % (
-            'stopped' if action == 'stop' else 'started')
+            'stopped (mailout starts it again at the next queued message)'
+            if action == 'stop' else 'started')
         if processor is None:
             msg = 'mailout delivery %r has no processor in this process' \
                 % _route.delivery if _route else 'not installed'

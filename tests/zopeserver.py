@@ -1,0 +1,95 @@
+"""A Zope instance under ``runwsgi`` for test_mailhost.py and test_plone.py:
+started on 127.0.0.1 and a free port, spoken to over HTTP."""
+import base64
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from helpers import HERE
+from helpers import zope_script
+
+
+class Server:
+    """``runwsgi etc/zope.ini`` of ``instance`` with tests/ on the path;
+    stderr is read all the time into ``output``.  A context manager: the
+    server is killed on the way out."""
+
+    def __init__(self, instance, timeout=120):
+        ini = instance / 'etc' / 'zope.ini'
+        ini.write_text(ini.read_text().replace('port = 8080', 'port = 0'))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [HERE, os.environ.get('PYTHONPATH')])))
+        self.url = None
+        self._lines = []
+        self._serving = threading.Event()
+        self.process = subprocess.Popen(
+            zope_script('Zope2.Startup.serve', ini), env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.timeout = timeout
+
+    def _read(self):
+        for line in self.process.stderr:
+            self._lines.append(line)
+            if self.url is None and 'Serving on http://' in line:
+                self.url = line.split('Serving on ')[1].strip()
+                self._serving.set()
+        self._serving.set()
+
+    @property
+    def output(self):
+        return ''.join(self._lines)
+
+    def __enter__(self):
+        self._serving.wait(self.timeout)
+        if self.url is None:
+            self.stop()
+            raise RuntimeError('runwsgi did not start:\n' + self.output)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def request(self, path, data=None, auth=None, **query):
+        """GET ``path?query`` (POST ``data``, a dict, if given), with basic
+        ``auth`` ('user:password'): (status, body), for errors too."""
+        url = self.url + path
+        if query:
+            url += '?' + urllib.parse.urlencode(query)
+        body = urllib.parse.urlencode(data).encode() if data else None
+        request = urllib.request.Request(url, data=body)
+        if auth:
+            request.add_header('Authorization', 'Basic ' + base64.b64encode(
+                auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, e.read().decode()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+
+
+def wait_until(condition, timeout=10):
+    """Poll ``condition()`` until true or ``timeout``; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
