@@ -7,7 +7,8 @@ from zope.interface.verify import verifyClass
 from zope.interface.verify import verifyObject
 from zope.sendmail.interfaces import IMailer
 
-from mailout import config
+from helpers import load_config
+from helpers import smtp_mailer
 from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import TransientDeliveryError
 from mailout.mailers import LMTPMailer
@@ -20,8 +21,7 @@ from mailout.testing import MemoryMailer
 def mailer(section):
     """The mailer of one configuration section."""
     from mailout.factories import build_mailer
-    [settings] = config.loads(
-        f'<mailout>\n{section}\n</mailout>\n').mailers.values()
+    [settings] = load_config(section).mailers.values()
     return build_mailer(settings)
 
 
@@ -66,13 +66,9 @@ def test_probe_reports_tls_and_auth(start_sink, certs):
     the relay gets no message."""
     sink = start_sink('--starttls', certs.cert, certs.key,
                       '--auth', 'zope:secret')
-    made = mailer(f'''<smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls starttls
-          ca-file {certs.ca}
-          username zope
-          password secret
-        </smtp-mailer>''')
+    made = mailer(smtp_mailer(sink.port, f'ca-file {certs.ca}',
+                              'username zope', 'password secret',
+                              tls='starttls'))
     [result] = made.probe()
     assert set(result) == KEYS
     assert result['ok'] is True and result['error'] is None
@@ -90,11 +86,7 @@ def test_probe_names_each_relay_of_a_farm(sink):
     down.bind(('127.0.0.1', 0))
     down_port = down.getsockname()[1]
     down.close()
-    made = mailer(f'''<smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          host 127.0.0.1:{down_port}
-          tls none
-        </smtp-mailer>''')
+    made = mailer(smtp_mailer([sink.port, down_port]))
     up, failed = made.probe(timeout=2)
     assert up['ok'] and up['server'] == 'sink.test'
     assert up['tls'] is None and up['auth'] is None
@@ -111,13 +103,8 @@ def test_probe_names_a_bad_password(start_sink):
     """A refused AUTH is a failed probe with the server's reply and no
     secret."""
     sink = start_sink('--auth', 'zope:secret')
-    made = mailer(f'''<smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          username zope
-          password wrong
-          tls none
-          allow-plain-auth on
-        </smtp-mailer>''')
+    made = mailer(smtp_mailer(sink.port, 'username zope', 'password wrong',
+                              'allow-plain-auth on'))
     [result] = made.probe()
     assert not result['ok'] and result['error'].startswith('AUTH failed: 535')
     assert 'wrong' not in repr(result)

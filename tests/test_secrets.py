@@ -16,6 +16,7 @@ import ZConfig
 
 from helpers import mailer_and_queue
 from helpers import message
+from helpers import smtp_mailer
 from helpers import write_config
 from helpers import write_zope_conf
 from mailout import config
@@ -41,16 +42,8 @@ def assert_no_part_of(secret, *texts):
 
 
 def smtp_section(port, password, *keys):
-    lines = '\n'.join(keys)
-    return f'''<smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-          allow-plain-auth on
-          timeout 3s
-          username {USER}
-          password {password}
-          {lines}
-        </smtp-mailer>'''
+    return smtp_mailer(port, 'allow-plain-auth on', 'timeout 3s',
+                       f'username {USER}', f'password {password}', *keys)
 
 
 def test_non_ascii_credentials_sent_as_utf8(tmp_path, start_sink):
@@ -67,10 +60,7 @@ def test_non_ascii_credentials_sent_as_utf8(tmp_path, start_sink):
 def test_non_ascii_credentials_with_auth_login(tmp_path, start_sink):
     """AUTH LOGIN sends them as UTF-8 too."""
     sink = start_sink('--auth', f'{USER}:{PASSWORD}')
-    mailer, _ = mailer_and_queue(tmp_path, f'''<smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>''')
+    mailer, _ = mailer_and_queue(tmp_path, smtp_mailer(sink.port))
     connection = mailer.connect('127.0.0.1', sink.port)
     connection.user, connection.password = USER, PASSWORD
     code, _ = connection.auth('LOGIN', connection.auth_login)
