@@ -17,6 +17,9 @@ import time
 import pytest
 
 from helpers import HERE
+from helpers import areas
+from helpers import config_text
+from helpers import files_in
 from helpers import write_config
 from mailout.message import prepare
 from mailout.queue import Queue
@@ -26,7 +29,6 @@ MESSAGES = int(os.environ.get('MAILOUT_SHARED_MESSAGES', 2000))
 PROCESSES = 4
 THREADS = 8                 # sender threads (connections) a process
 DATA_DELAY = '0.01'         # seconds the relay takes to answer the final dot
-AREAS = ('new', 'cur', 'deferred', 'failed', 'tmp')
 
 # A processor process: start the processor of config argv[1]; commit the
 # messages shared-argv[2] ... shared-(argv[2] + argv[3] - 1), one a
@@ -162,8 +164,7 @@ def tally(what, committed, queue_path, sink, started):
         committed=committed, delivered=len(ids),
         duplicates=sum(n - 1 for n in ids.values()),
         duplicated={int(i) for i, n in ids.items() if n > 1},
-        stuck={area: os.listdir(os.path.join(queue_path, area))
-               for area in AREAS},
+        stuck=areas(queue_path),
         seconds=time.monotonic() - started)
     print(f'\n{what}: committed {result.committed}, delivered '
           f'{result.delivered}, duplicates {result.duplicates}, stuck '
@@ -174,18 +175,9 @@ def tally(what, committed, queue_path, sink, started):
 def setup(tmp_path, sink, count=MESSAGES, poll_interval='0.2s'):
     """A queue with ``count`` messages and a config for its processors."""
     queue_path = str(tmp_path / 'shared-queue')
-    config = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {queue_path}
-          connections {THREADS}
-          poll-interval {poll_interval}
-        </queued-delivery>
-    ''')
+    config = write_config(tmp_path / 'mailout.conf', config_text(
+        sink.port, queue_path, delivery_lines=(
+            f'connections {THREADS}', f'poll-interval {poll_interval}')))
     fill(queue_path, count)
     return queue_path, config
 
@@ -210,7 +202,7 @@ def test_one_process_eight_threads_exactly_once(tmp_path, start_sink,
     fill(processor.queue, count, batch=1, pause=0.003)
     deadline = time.monotonic() + 60
     while (len(received_ids(sink)) < count or any(
-            os.listdir(os.path.join(queue_path, area))
+            files_in(queue_path, area)
             for area in ('new', 'cur'))) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)             # a late second copy
@@ -269,7 +261,7 @@ def test_kill_9_of_one_processor_mid_run(tmp_path, start_sink):
     victim.send_signal(signal.SIGSTOP)
     wait_until_stopped(victim.pid)
     in_flight = {message_number(os.path.join(queue_path, 'cur', claim))
-                 for claim in os.listdir(os.path.join(queue_path, 'cur'))
+                 for claim in files_in(queue_path, 'cur')
                  if names.Claim.parse(claim).pid == victim.pid}
     victim.send_signal(signal.SIGKILL)
     victim.wait()
