@@ -101,7 +101,7 @@ def clean_up():
     yield
     transaction.abort()
     processor.stop_all()
-    processor._registered.clear()
+    processor.forget_registered()
     zope.component.testing.tearDown()
 
 

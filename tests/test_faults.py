@@ -403,7 +403,7 @@ def test_idle_connection_closed_by_server(tmp_path, start_sink, idle_reply):
     [first] = enqueue(queue, 'first')
     # What a sender thread does on each wake-up: keep the connection open.
     assert processor.process_waiting() == 1
-    assert processor.mailer._local.connection is not None
+    assert processor.mailer.kept_connection is not None
     time.sleep(0.5)
     [second] = enqueue(queue, 'second')
     processor.run_once()

@@ -395,7 +395,7 @@ def multipart(value, policy='compat32'):
         outer.set_content('text')
         outer.add_attachment('attached')
         part = outer.get_payload()[1]
-    part._headers.append(('X-Note', value))   # as a parser or app may
+    part.set_raw('X-Note', value)   # unchecked, as a parser or app may
     return outer
 
 

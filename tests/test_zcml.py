@@ -140,7 +140,7 @@ def test_loading_zcml_starts_no_thread(config_file):
     load(f'<mail:deliveries config="{config_file}" />')
     assert set(threading.enumerate()) == before
     default = getUtility(IMailDelivery, 'default')
-    assert processor._registered == [default.processor]
+    assert processor.registered() == [default.processor]
     notify(ProcessStarting())
     assert default.processor.running
 

@@ -425,6 +425,17 @@ def register(processor: Processor) -> None:
         _registered.append(processor)
 
 
+def registered() -> list[Processor]:
+    """The processors remembered for `start_all`, in order."""
+    return list(_registered)
+
+
+def forget_registered() -> None:
+    """Forget every processor remembered for `start_all` (for tests that
+    load ZCML again in one process)."""
+    _registered.clear()
+
+
 def start_all(event: object = None) -> None:
     """Start every registered processor; the ``IProcessStarting`` handler."""
     for processor in _registered:

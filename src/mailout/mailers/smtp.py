@@ -130,6 +130,12 @@ class SMTPMailer(Mailer):
     def close(self) -> None:
         self._local.end()
 
+    @property
+    def kept_connection(self) -> Optional[smtplib.SMTP]:
+        """The connection this thread keeps open to a relay between
+        messages (the connection cache), or None."""
+        return self._local.connection
+
     def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
         settings = self.settings if timeout is None else \
             dataclasses.replace(self.settings, timeout=timeout)
