@@ -137,6 +137,9 @@ def zope_state(monkeypatch):
     import App.config
     from App import FindHomes
 
+    # App.config's module global is read and put back as it is: Zope has
+    # no public way to read "not configured" (getConfiguration() would
+    # install a default configuration).
     def reset():
         monkeypatch.setattr(App.config, '_config', config)
         for name in ('INSTANCE_HOME', 'CLIENT_HOME', 'CHAMELEON_CACHE',
