@@ -7,16 +7,15 @@ its ZODB, driven over HTTP.
 import email.header
 import logging
 import os
+import re
 import subprocess
 import sys
-import threading
+import textwrap
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import pytest
 import transaction
+import zope.testing.cleanup
 from zope.configuration import xmlconfig
 from zope.configuration.config import ConfigurationConflictError
 from zope.configuration.exceptions import ConfigurationError
@@ -53,6 +52,44 @@ def queued(config_file):
     """The names of the messages waiting in delivery 'default''s queue."""
     queue = os.path.join(os.path.dirname(config_file), 'queue')
     return sorted(os.listdir(os.path.join(queue, 'new')))
+
+
+def readme_blocks():
+    """The literal blocks of README.rst's section "Plone and MailHost"."""
+    with open(os.path.join(HERE, '..', 'README.rst')) as f:
+        text = f.read()
+    start = text.index('Plone and MailHost\n==================\n')
+    end = text.index('\n=====', start + 40)
+    section = text[start:text.rindex('\n\n', start, end)]
+    blocks = []
+    for match in re.finditer(r'::\n\n((?:    .*\n|\n)+)', section + '\n'):
+        blocks.append(textwrap.dedent(match.group(1)).strip() + '\n')
+    return blocks
+
+
+def readme_snippets():
+    """The section's zope.conf and site ZCML, as an integrator copies them
+    (test_plone.py runs a Plone site with them)."""
+    zope_conf, site_zcml, _ = readme_blocks()
+    return zope_conf, site_zcml
+
+
+def test_readme_section_snippets(config_file, sink):
+    """The section has three snippets: zope.conf and the site ZCML (a Plone
+    site runs on them in test_plone.py) and the immediate= line, which
+    loads and routes immediate sends to the direct delivery."""
+    zope_conf, site_zcml, immediate = readme_blocks()
+    assert zope_conf.startswith('%import mailout\n<mailout mailout>')
+    assert '<mail:mailhost delivery="default" />' in site_zcml
+    assert immediate == '<mail:mailhost delivery="default" ' \
+                        'immediate="urgent" />\n'
+    load(config_file, immediate)
+    assert mailhost.installed() == ('default', 'urgent')
+    # The site ZCML itself, with a standalone file instead of zope.conf.
+    zope.testing.cleanup.cleanUp()
+    xmlconfig.string(site_zcml.replace(
+        '<mail:deliveries />', f'<mail:deliveries config="{config_file}" />'))
+    assert mailhost.installed() == ('default', 'default')
 
 
 def test_send_goes_through_the_queue_after_commit(config_file, sink):
@@ -188,7 +225,6 @@ def test_replaced_by_another_package_warns(config_file, caplog,
 
 def test_clean_up_restores_stock(config_file):
     """Without the directive (zope.testing's clean-up) MailBase is stock."""
-    import zope.testing.cleanup
     load(config_file)
     assert MailHostModule.MailBase._send is mailhost._send
     zope.testing.cleanup.cleanUp()
