@@ -19,6 +19,12 @@ The control channel is a line protocol on CONTROL_PORT:
 ``--delay-ms N`` delays every final reply line (greeting, EHLO's last line,
 MAIL, RCPT, DATA, the final dot, QUIT) by N ms: one simulated WAN round
 trip per command, as smtplib does no pipelining.
+
+It is not tests/smtpsink.py because it must be fast and cheap to measure
+through: it writes nothing to disk (tests/smtpsink.py writes and renames a
+JSON file for every message, work that would be timed with mailout's), and
+its control channel answers counts and arrival times without a directory
+listing.
 """
 import argparse
 import asyncio

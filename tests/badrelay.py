@@ -15,6 +15,12 @@ client's sending of the message stalls.
 
 It listens on 127.0.0.1, prints its port on the first line of stdout and
 exits when its stdin closes, as tests/smtpsink.py does.
+
+Why not an option of tests/smtpsink.py: these faults break the framing of
+SMTP replies (a multi-line reply with no last line, also in the greeting
+and in EHLO's reply) or stop reading in the middle of DATA, which aiosmtpd
+does for its handlers and does not let them change; so this server speaks
+SMTP by hand, a few lines a command.
 """
 import argparse
 import asyncio

@@ -79,7 +79,17 @@ def sink_main(records_path, seed, data_delay=0.0):
     """An SMTP server on 127.0.0.1 (ephemeral port, printed on stdout) that
     appends one JSON line per accepted message to ``records_path`` before
     it replies, ``data_delay`` seconds or more later; exits when stdin
-    closes."""
+    closes.
+
+    Not tests/smtpsink.py with options, because what the crash loop checks
+    rests on three things that sink does not do: one random stream, seeded
+    by ``--seed``, draws the 451s to ``flaky@`` (20 %), the 451s after DATA
+    (3 %) and the extra delays (30 %, up to 20 ms), in the order the
+    commands arrive; the ``sync@`` messages the harness sends take none of
+    them; and records are lines appended to one file, which the harness
+    reads on from where it stopped (`SinkProcess.new_records`) instead of
+    listing a directory of thousands of files after each drain.
+    """
     import asyncio
 
     from aiosmtpd.smtp import SMTP

@@ -16,6 +16,14 @@ them to the first N occasions only, then the sink behaves (--refuse and
 received in full but never answered (dropped or stalled "after-dot", the
 RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
 Like a real server, the sink closes the connection after any 421 reply.
+
+This is the SMTP (and LMTP) server for tests: `helpers.Sink` runs it and
+reads what it recorded, conftest's ``sink`` and ``start_sink`` fixtures
+start it.  Two others stay apart, each saying why in its docstring:
+tests/badrelay.py (replies that never end, below what aiosmtpd lets a
+handler do) and the crash loop's sink in tests/crashloop.py (one seeded
+random stream, an append-only record file); bench/sink.py only counts.
+Both test servers use `tcp_listener` and `serve_until_stdin_closes`.
 """
 import argparse
 import asyncio
