@@ -7,6 +7,7 @@ import pytest
 import transaction
 from zope.interface.verify import verifyObject
 
+from helpers import areas
 from helpers import direct_delivery
 from helpers import message
 from mailout import config
@@ -28,16 +29,11 @@ def drain(delivery):
     delivery.processor.start()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        files = queue_files(delivery)
+        files = areas(delivery)
         if not files['new'] and not files['cur']:
             return
         time.sleep(0.005)
     raise AssertionError(f'queue not drained: {files}')
-
-
-def queue_files(delivery):
-    return {area: os.listdir(os.path.join(delivery.queuePath, area))
-            for area in ('tmp', 'new', 'cur', 'deferred', 'failed')}
 
 
 class FailingVote:
@@ -88,7 +84,7 @@ def test_commit_delivers_envelope_and_bytes(deliveries, sink):
     assert received['mail_from'] == 'sender@example.org'
     assert received['rcpt_tos'] == ['ann@example.org', 'bob@example.org']
     assert received['data'] == data
-    assert queue_files(deliveries['default'])['new'] == []
+    assert areas(deliveries['default'])['new'] == []
 
 
 def test_direct_delivery_sends_at_commit(deliveries, sink):
@@ -111,7 +107,7 @@ def test_abort_sends_nothing_and_leaves_no_file(deliveries, sink, name):
     queue = deliveries['default']
     drain(queue)
     assert sink.messages() == []
-    assert all(files == [] for files in queue_files(queue).values())
+    assert all(files == [] for files in areas(queue).values())
 
 
 @pytest.mark.parametrize('name', ['default', 'urgent'])
@@ -159,7 +155,7 @@ def test_failed_vote_of_another_resource_sends_nothing(deliveries, sink,
     queue = deliveries['default']
     drain(queue)
     assert sink.messages() == []
-    assert all(files == [] for files in queue_files(queue).values())
+    assert all(files == [] for files in areas(queue).values())
 
 
 def test_direct_delivery_failure_aborts_commit(tmp_path):
@@ -193,7 +189,7 @@ def test_commit_returns_with_message_in_new(deliveries):
     for i in range(3):
         delivery.send('sender@example.org', ['ann@example.org'], message())
     transaction.commit()
-    files = queue_files(delivery)
+    files = areas(delivery)
     assert len(files['new']) == 3 and files['tmp'] == []
 
 

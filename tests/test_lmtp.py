@@ -1,7 +1,7 @@
 """The LMTP mailer against a real LMTP server process."""
-import os
 
 from helpers import failed
+from helpers import files_in
 from helpers import mailer_and_queue
 from mailout import config
 from mailout.message import prepare
@@ -37,7 +37,7 @@ def test_each_recipient_gets_its_own_reply(tmp_path, start_sink):
     Processor(queue, mailer).run_once()
     assert [m['rcpt_tos'] for m in sink.messages()] == [[ANN]]
     assert failed(queue, name).toaddrs == (BOB,)
-    assert os.listdir(os.path.join(queue.path, 'deferred')) == [name]
+    assert files_in(queue, 'deferred') == [name]
 
 
 def test_unix_socket_and_connection_reuse(tmp_path, start_sink):

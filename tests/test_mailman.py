@@ -27,6 +27,7 @@ import time
 import pytest
 
 from helpers import failed
+from helpers import files_in
 from mailout import config
 from mailout.factories import build_all
 from mailout.message import prepare
@@ -272,7 +273,7 @@ def test_queued_message_reaches_mailman(tmp_path, mailman):
     Processor(queue, mailer).run_once()
     [post] = mailman.queued('in')
     assert 'Message-ID: <mm-3@example.org>' in post['message']
-    assert {area: os.listdir(os.path.join(queue.path, area))
+    assert {area: files_in(queue, area)
             for area in ('new', 'cur', 'deferred', 'failed')} == {
         'new': [], 'cur': [], 'deferred': [], 'failed': []}
 
@@ -301,6 +302,6 @@ def test_no_such_list_is_refused_and_failed(tmp_path, mailman):
     queue.commit([name])
     Processor(queue, mailer).run_once()
     assert failed(queue, name).toaddrs == (NO_LIST,)
-    assert os.listdir(os.path.join(queue.path, 'deferred')) == []
+    assert files_in(queue, 'deferred') == []
     [post] = mailman.queued('in')
     assert 'Message-ID: <mm-6@example.org>' in post['message']
