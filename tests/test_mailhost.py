@@ -7,12 +7,11 @@ its ZODB, driven over HTTP.
 import email.header
 import logging
 import os
-import re
 import subprocess
 import sys
-import textwrap
 import time
 
+import Products.MailHost.MailHost as MailHostModule
 import pytest
 import transaction
 import zope.testing.cleanup
@@ -20,14 +19,10 @@ from zope.configuration import xmlconfig
 from zope.configuration.config import ConfigurationConflictError
 from zope.configuration.exceptions import ConfigurationError
 
-from helpers import HERE
 from helpers import write_zope_conf
 from helpers import zope_script
-
-MailHostModule = pytest.importorskip(
-    'Products.MailHost.MailHost',
-    reason="Products.MailHost: pip install -e '.[test]' brings it")
-from mailout import mailhost  # noqa: E402
+from mailout import mailhost
+from zopeserver import readme_blocks
 
 STOCK_SEND = MailHostModule.MailBase.__dict__['_send']
 
@@ -52,26 +47,6 @@ def queued(config_file):
     """The names of the messages waiting in delivery 'default''s queue."""
     queue = os.path.join(os.path.dirname(config_file), 'queue')
     return sorted(os.listdir(os.path.join(queue, 'new')))
-
-
-def readme_blocks():
-    """The literal blocks of README.rst's section "Plone and MailHost"."""
-    with open(os.path.join(HERE, '..', 'README.rst')) as f:
-        text = f.read()
-    start = text.index('Plone and MailHost\n==================\n')
-    end = text.index('\n=====', start + 40)
-    section = text[start:text.rindex('\n\n', start, end)]
-    blocks = []
-    for match in re.finditer(r'::\n\n((?:    .*\n|\n)+)', section + '\n'):
-        blocks.append(textwrap.dedent(match.group(1)).strip() + '\n')
-    return blocks
-
-
-def readme_snippets():
-    """The section's zope.conf and site ZCML, as an integrator copies them
-    (test_plone.py runs a Plone site with them)."""
-    zope_conf, site_zcml, _ = readme_blocks()
-    return zope_conf, site_zcml
 
 
 def test_readme_section_snippets(config_file, sink):
@@ -330,11 +305,12 @@ print(app.MailHost._p_serial.hex())
 
 def zconsole(instance, conf, text):
     """Run ``text`` with ``app`` in the instance (zconsole run); stdout."""
+    from zopeserver import zope_env
     script = instance / 'script.py'
     script.write_text(text)
     result = subprocess.run(
         zope_script('Zope2.utilities.zconsole', 'run', conf, script),
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, env=zope_env())
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -366,8 +342,6 @@ def test_zope_instance_mailhost_sends_through_mailout(instance, sink):
     from zopeserver import Server
     from zopeserver import wait_until
     conf = set_up_zope(instance, sink.port)
-    os.environ['PYTHONPATH'] = os.pathsep.join(
-        filter(None, [HERE, os.environ.get('PYTHONPATH')]))
     # The object's own settings point at the sink too: only the queue
     # counts below show which route a message took.
     created = zconsole(instance, conf, ADD_MAILHOST.format(port=sink.port))

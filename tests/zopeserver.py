@@ -1,7 +1,10 @@
-"""A Zope instance under ``runwsgi`` for test_mailhost.py and test_plone.py:
-started on 127.0.0.1 and a free port, spoken to over HTTP."""
+"""Support for test_mailhost.py and test_plone.py: a Zope instance under
+``runwsgi`` (on 127.0.0.1 and a free port, spoken to over HTTP), and the
+snippets of README.rst's section "Plone and MailHost"."""
 import base64
 import os
+import re
+import textwrap
 import subprocess
 import threading
 import time
@@ -13,6 +16,12 @@ from helpers import HERE
 from helpers import zope_script
 
 
+def zope_env(**more):
+    """os.environ with tests/ on $PYTHONPATH (for tests/zopeapp)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [HERE, os.environ.get('PYTHONPATH')])), **more)
+
+
 class Server:
     """``runwsgi etc/zope.ini`` of ``instance`` with tests/ on the path;
     stderr is read all the time into ``output``.  A context manager: the
@@ -21,8 +30,7 @@ class Server:
     def __init__(self, instance, timeout=120):
         ini = instance / 'etc' / 'zope.ini'
         ini.write_text(ini.read_text().replace('port = 8080', 'port = 0'))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [HERE, os.environ.get('PYTHONPATH')])))
+        env = zope_env()
         self.url = None
         self._lines = []
         self._serving = threading.Event()
@@ -93,3 +101,23 @@ def wait_until(condition, timeout=10):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.02)
+
+
+def readme_blocks():
+    """The literal blocks of README.rst's section "Plone and MailHost"."""
+    with open(os.path.join(HERE, '..', 'README.rst')) as f:
+        text = f.read()
+    start = text.index('Plone and MailHost\n==================\n')
+    end = text.index('\n=====', start + 40)
+    section = text[start:text.rindex('\n\n', start, end)]
+    blocks = []
+    for match in re.finditer(r'::\n\n((?:    .*\n|\n)+)', section + '\n'):
+        blocks.append(textwrap.dedent(match.group(1)).strip() + '\n')
+    return blocks
+
+
+def readme_snippets():
+    """The section's zope.conf and site ZCML, as an integrator copies them
+    (test_plone.py runs a Plone site with them)."""
+    zope_conf, site_zcml, _ = readme_blocks()
+    return zope_conf, site_zcml
