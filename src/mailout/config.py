@@ -72,6 +72,16 @@ def relay_host(value):
     return host, port
 
 
+def address(value):
+    """An e-mail address (``redirect-to``), checked as send() checks one."""
+    from mailout.interfaces import InvalidAddress
+    from mailout.message import check_address
+    try:
+        return check_address(value, InvalidAddress, 'address')
+    except InvalidAddress as e:     # ZConfig reports a ValueError's text
+        raise ValueError(str(e)) from None
+
+
 def _settings(cls, section, **computed):
     """An instance of the settings dataclass ``cls`` for a ZConfig section:
     ``name`` is the section's, each other field the key of the same name
@@ -191,6 +201,8 @@ class QueuedDeliverySettings:
     min_backoff: float
     max_backoff: float
     max_lifetime: float
+    hold: bool = False
+    redirect_to: Optional[str] = None
 
     @classmethod
     def from_section(cls, section):
@@ -207,6 +219,7 @@ class DirectDeliverySettings:
     name: str
     mailer: str
     max_message_size: int
+    redirect_to: Optional[str] = None
 
     @classmethod
     def from_section(cls, section):

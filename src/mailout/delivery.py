@@ -50,10 +50,12 @@ class _Delivery:
     def __init__(self, name: str, mailer: IMailoutMailer,
                  max_message_size: Optional[int] = None,
                  transaction_manager: Optional[
-                     transaction.interfaces.ITransactionManager] = None):
+                     transaction.interfaces.ITransactionManager] = None,
+                 redirect_to: Optional[str] = None):
         self.name = name
         self.mailer = mailer
         self.max_message_size = max_message_size
+        self.redirect_to = redirect_to
         self.transaction_manager = transaction_manager or transaction.manager
 
     def __repr__(self):
@@ -66,6 +68,8 @@ class _Delivery:
         envelope = _message.prepare(
             fromaddr, toaddrs, message, self.max_message_size,
             smtputf8=getattr(self.mailer, 'smtputf8', False))
+        if self.redirect_to:
+            envelope = _message.redirected(envelope, self.redirect_to)
         self._data_manager().envelopes.append(envelope)
         return envelope.message_id
 

@@ -1,4 +1,6 @@
 """Build mailers, deliveries and processors from settings (config.py)."""
+import logging
+
 from mailout import config
 from mailout.delivery import DirectDelivery
 from mailout.delivery import QueuedDelivery
@@ -7,6 +9,8 @@ from mailout.mailers import SendmailMailer
 from mailout.mailers import SMTPMailer
 from mailout.processor import Processor
 from mailout.processor import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 MAILERS = {config.SMTPMailerSettings: SMTPMailer,
            config.LMTPMailerSettings: LMTPMailer,
@@ -27,18 +31,24 @@ def build_delivery(settings, mailer, processor=True):
     settings and not turned off here (``processor=False``: the mailout
     command runs processors of its own, and a commit of its ``send`` must
     start none)."""
+    if settings.redirect_to:
+        log.warning('delivery %r: redirect-to %s: every message goes there '
+                    'instead of to its recipients', settings.name,
+                    settings.redirect_to)
     if isinstance(settings, config.DirectDeliverySettings):
         return DirectDelivery(settings.name, mailer,
-                              max_message_size=settings.max_message_size)
+                              max_message_size=settings.max_message_size,
+                              redirect_to=settings.redirect_to)
     delivery = QueuedDelivery(settings.name, mailer, settings.queue_path,
-                              max_message_size=settings.max_message_size)
+                              max_message_size=settings.max_message_size,
+                              redirect_to=settings.redirect_to)
     if settings.processor and processor:
         delivery.processor = build_processor(settings, delivery.queue, mailer)
     return delivery
 
 
 def build_processor(settings, queue, mailer):
-    return Processor(queue, mailer, name=settings.name,
+    return Processor(queue, mailer, name=settings.name, hold=settings.hold,
                      poll_interval=settings.poll_interval,
                      connections=settings.connections,
                      rate=settings.rate,

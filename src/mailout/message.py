@@ -155,6 +155,21 @@ def _smallest_size(message):
     return 0
 
 
+def redirected(envelope: Envelope, address: str) -> Envelope:
+    """``envelope`` sent to ``address`` instead of its recipients, which an
+    ``X-Mailout-Original-To`` header keeps (folded, as a header must be)."""
+    lines, line = [], 'X-Mailout-Original-To:'
+    for recipient in envelope.toaddrs:
+        if len(line) + len(recipient) > 76 and line.endswith(','):
+            lines.append(line)
+            line = ''
+        line += f' {recipient},'
+    lines.append(line.rstrip(','))
+    header = ('\r\n'.join(lines) + '\r\n').encode('utf-8')
+    return dataclasses.replace(envelope, toaddrs=(address,),
+                               message=header + envelope.message)
+
+
 def sender_from_headers(msg: email.message.Message) -> str:
     """The envelope sender of an ``email.message.Message``: its Sender, or
     its one From address."""

@@ -42,7 +42,7 @@ class QueueCollector:
         labels = ['queue', 'deliveries', 'state']
         messages = GaugeMetricFamily(
             'mailout_queue_messages', 'Messages in a queue, by state: '
-            'waiting, in_progress, deferred, failed.', labels=labels)
+            'waiting, in_progress, deferred, failed, held.', labels=labels)
         oldest = GaugeMetricFamily(
             'mailout_queue_oldest_age_seconds', 'Time since the oldest '
             'waiting, or deferred, message was queued (0 if none).',
@@ -50,7 +50,8 @@ class QueueCollector:
         for deliveries, path, status in self.statuses():
             status = status or {}
             names = ','.join(deliveries)
-            for state in ('waiting', 'in_progress', 'deferred', 'failed'):
+            for state in ('waiting', 'in_progress', 'deferred', 'failed',
+                          'held'):
                 messages.add_metric([path, names, state],
                                     status.get(state, 0))
             for state in ('waiting', 'deferred'):

@@ -102,7 +102,8 @@ class Processor:
 
     def __init__(self, queue: 'Queue', mailer: IMailoutMailer, name: str = '',
                  poll_interval: float = 1.0, retry: RetryPolicy = RetryPolicy(),
-                 connections: int = 1, rate: Optional[float] = None):
+                 connections: int = 1, rate: Optional[float] = None,
+                 hold: bool = False):
         self.queue = queue
         self.mailer = mailer
         self.name = name
@@ -110,6 +111,7 @@ class Processor:
         self.retry = retry
         self.connections = connections
         self.rate = RateLimit(rate) if rate else None
+        self.hold = hold        # move mail to held/, never send it
         self._threads: list[threading.Thread] = []
         self._pid: Optional[int] = None
         self._lock = threading.Lock()
@@ -144,6 +146,9 @@ class Processor:
             _started.add(self)
             log.info('started %r with %d connection(s)', self,
                      self.connections)
+            if self.hold:
+                log.warning('%r: hold on: mail is queued and held, never '
+                            'sent', self)
 
     def stop(self, timeout: float = 10) -> None:
         """Finish the messages in hand, then stop; the rest stays queued."""
@@ -222,10 +227,7 @@ class Processor:
                 break
             if self.rate is not None and self.rate.wait(stopping):
                 break
-            claimed = self.queue.claim(name)
-            if claimed is not None:
-                self.deliver(claimed)
-                handled += 1
+            handled += self._handle(name)
         return handled
 
     def run_once(self) -> int:
@@ -245,10 +247,7 @@ class Processor:
                         name = names.popleft()
                     except IndexError:
                         break
-                    claimed = self.queue.claim(name)
-                    if claimed is not None:
-                        self.deliver(claimed)
-                        handled[threading.get_ident()] += 1
+                    handled[threading.get_ident()] += self._handle(name)
             finally:
                 self.mailer.close()
         workers = [threading.Thread(target=work, name=f'mailout {self.name} '
@@ -259,6 +258,20 @@ class Processor:
         for worker in workers:
             worker.join()
         return sum(handled.values())
+
+    def _handle(self, name):
+        """Deliver (or, with ``hold``, hold) the waiting message ``name``;
+        whether it was this thread's to handle."""
+        if self.hold:
+            held = self.queue.hold(name)
+            if held:
+                log.info('%r: held %s (hold on)', self, printable(name))
+            return held
+        claimed = self.queue.claim(name)
+        if claimed is None:
+            return False
+        self.deliver(claimed)
+        return True
 
     def deliver(self, claimed: str) -> None:
         """Send one claimed message and move it where its outcome says."""

@@ -37,28 +37,34 @@ class QueueCommand(Command):
         parser.add_argument('-d', '--delivery', metavar='NAME',
                             help='only the queue of this queued delivery')
 
-    def queues(self, args):
+    def queues(self, args, settings=None):
         """``(source, [(names, path, queue)])``; ``queue`` is None where
         nothing was ever queued."""
-        settings, source = load_settings(args)
+        settings, source = settings or load_settings(args)
         return source, [(names, path, _open_queue(path, self.writable))
                         for names, path in queued(settings, args.delivery)]
 
-
     def statuses(self, args, now):
         """``(source, [status])``: `mailout.queue.Queue.status` of each
-        queue, with its deliveries, path and whether it exists yet."""
-        source, queues = self.queues(args)
+        queue, with its deliveries, path, whether it exists yet, and the
+        deliveries that hold or redirect their mail."""
+        settings, source = load_settings(args)
+        source, queues = self.queues(args, (settings, source))
         result = []
         for names, path, queue in queues:
             status = queue.status(now) if queue is not None else {
                 'waiting': 0, 'in_progress': 0, 'deferred': 0, 'failed': 0,
-                'oldest_age': None, 'oldest_waiting_age': None,
+                'held': 0, 'oldest_age': None, 'oldest_waiting_age': None,
                 'oldest_deferred_age': None, 'next_attempt': None,
                 'last_error': None}
-            result.append({'deliveries': names, 'path': path,
-                           'exists': queue is not None, **status,
-                           'next_attempt': when(status['next_attempt'])})
+            deliveries = [settings.deliveries[name] for name in names]
+            result.append({
+                'deliveries': names, 'path': path,
+                'exists': queue is not None, **status,
+                'next_attempt': when(status['next_attempt']),
+                'hold': [d.name for d in deliveries if d.hold],
+                'redirect_to': {d.name: d.redirect_to for d in deliveries
+                                if d.redirect_to}})
         return source, result
 
 
@@ -172,6 +178,12 @@ class Status(QueueCommand):
             print('  oldest       '
                   + (age(oldest) if oldest is not None else '-'))
             print(f"  last error   {printable(q['last_error'] or '-')}")
+            print(f"  held         {q['held']}"
+                  + ('  (hold on: ' + ', '.join(q['hold']) + ')'
+                     if q['hold'] else ''))
+            for name, address in q['redirect_to'].items():
+                print(f'  redirect     {name}: every message to '
+                      f'{printable(address)}')
 
 
 class List(QueueCommand):
@@ -374,21 +386,24 @@ class Purge(QueueCommand):
     name = 'purge'
     help = 'delete messages for good'
     description = (
-        'Delete one message (from new/, deferred/ or failed/; not while it '
-        'is being delivered), or with --failed the failed messages, those '
-        'that failed more than --older-than ago.  Asks on a terminal unless '
-        '--yes; without a terminal and without --yes it refuses (exit 2).')
+        'Delete one message (from new/, deferred/, failed/ or held/; not '
+        'while it is being delivered), or with --failed the failed '
+        'messages, or with --all, --from or --to every message (not being '
+        'delivered) or those of a sender or recipient; --older-than keeps '
+        'those that failed (--failed) or were queued less than AGE ago.  '
+        'Asks on a terminal unless --yes; without a terminal and without '
+        '--yes it refuses (exit 2).')
     writable = True
 
     def add_arguments(self, parser):
         super().add_arguments(parser)
-        parser.add_argument('id', metavar='ID', nargs='?')
+        _add_selection(parser)
         parser.add_argument('--failed', action='store_true',
                             help='failed messages (all of them, or with ID: '
                                  'only its failed copy)')
         parser.add_argument('--older-than', type=_age_argument, metavar='AGE',
-                            help='with --failed: those failed longer ago '
-                                 'than AGE (30s, 12h, 7d, 1d 12h)')
+                            help='only those failed (--failed) or queued '
+                                 'longer ago than AGE (30s, 12h, 7d, 1d 12h)')
         parser.add_argument('-y', '--yes', action='store_true',
                             help='do not ask')
         parser.add_argument('-n', '--dry-run', action='store_true',
@@ -398,8 +413,9 @@ class Purge(QueueCommand):
         if args.id and args.older_than is not None:
             raise CommandError(USAGE, 'give ID or --failed --older-than AGE, '
                                       'not both')
-        if not args.id and not args.failed:
-            raise CommandError(USAGE, 'give ID, or --failed (with '
+        if not args.id and not (args.failed or _chooses_many(args)):
+            raise CommandError(USAGE, 'give ID, --failed, --all, --from '
+                                      'ADDRESS or --to ADDRESS (with '
                                       '--older-than AGE)')
         _, queues = self.queues(args)
         todo = self._todo(args, queues)
@@ -418,8 +434,11 @@ class Purge(QueueCommand):
         """``[(queue, entry)]``: what to delete."""
         if not args.id:
             now, older = time.time(), args.older_than or 0
-            return [(queue, e) for _, _, queue in queues if queue is not None
-                    for e in queue.entries('failed') if now - e.mtime > older]
+            areas = ('failed',) if args.failed else \
+                ('new', 'deferred', 'failed', 'held')
+            return [(queue, e) for queue, e in _selected(args, queues, areas)
+                    if now - (e.mtime if e.area == 'failed'
+                              else e.queued_at or e.mtime) > older]
         names, queue, name = _find(queues, args.id)
         entries = queue.locate(name)
         if args.failed:
@@ -461,6 +480,96 @@ class Purge(QueueCommand):
         for item in data['errors']:
             print(f"{printable(item['id'])}: not deleted: "
                   f"{printable(item['error'])}", file=sys.stderr)
+
+
+def _add_selection(parser):
+    parser.add_argument('id', metavar='ID', nargs='?',
+                        help='queue id (or a unique part of it) or '
+                             'Message-Id')
+    parser.add_argument('--all', action='store_true',
+                        help='every message')
+    parser.add_argument('--from', dest='sender', metavar='ADDRESS',
+                        help='the messages from ADDRESS')
+    parser.add_argument('--to', dest='recipient', metavar='ADDRESS',
+                        help='the messages to ADDRESS')
+
+
+def _chooses_many(args):
+    return args.all or args.sender or args.recipient
+
+
+def _selected(args, queues, areas):
+    """``[(queue, entry)]``: the messages in ``areas`` that ``args`` choose:
+    ID, or --all, --from ADDRESS, --to ADDRESS (--from and --to may be
+    combined)."""
+    if args.id:
+        names, queue, name = _find(queues, args.id)
+        return [(queue, e) for e in queue.locate(name) if e.area in areas]
+    return [(queue, e) for _, _, queue in queues if queue is not None
+            for area in areas for e in queue.entries(area)
+            if args.sender in (None, e.fromaddr)
+            and (args.recipient is None or args.recipient in e.toaddrs)]
+
+
+class Hold(QueueCommand):
+    name = 'hold'
+    help = 'hold messages back: never sent until released'
+    description = ('Move waiting or deferred messages to held/, where no '
+                   'processor takes them, until "mailout queue release".')
+    writable = True
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        _add_selection(parser)
+
+    def run(self, args):
+        return _move(self, args, ('new', 'deferred'),
+                     lambda queue, e: queue.hold(e.name, e.area), 'held')
+
+    def text(self, result):
+        _print_moved(result, 'held', '{area}/ -> held/')
+
+
+class Release(QueueCommand):
+    name = 'release'
+    help = 'send held messages'
+    description = ('Move held messages back to new/, to be sent at once '
+                   '(unless their delivery has "hold on").')
+    writable = True
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        _add_selection(parser)
+
+    def run(self, args):
+        return _move(self, args, ('held',),
+                     lambda queue, e: queue.release_held(e.name), 'released')
+
+    def text(self, result):
+        _print_moved(result, 'released', 'held/ -> new/')
+
+
+def _move(command, args, areas, move, done):
+    """Move the messages ``args`` choose in ``areas``: ``move(queue,
+    entry)`` is False for one that moved on meanwhile."""
+    if not args.id and not _chooses_many(args):
+        raise CommandError(USAGE, 'give ID, --all, --from ADDRESS or --to '
+                                  'ADDRESS')
+    _, queues = command.queues(args)
+    moved = [{'id': e.name, 'from_area': e.area, 'path': queue.path,
+              'message_id': e.message_id}
+             for queue, e in _selected(args, queues, areas)
+             if move(queue, e)]
+    return Result({'ok': True, done: moved})
+
+
+def _print_moved(result, done, how):
+    moved = result.data[done]
+    for item in moved:
+        print(f"{printable(item['id'])}: "
+              + how.format(area=item['from_area']))
+    print(f'{n(len(moved), "message")} {done}' if moved
+          else f'nothing {done}')
 
 
 def _where(item):
@@ -527,4 +636,5 @@ class QueueGroup(Group):
     description = ('Inspect and repair the queues of the queued deliveries '
                    'in CONFIG.  A message ID is its file name in the queue '
                    '(any unique part of it will do).')
-    commands = (Status(), List(), Show(), Retry(), Purge())
+    commands = (Status(), List(), Show(), Retry(), Purge(), Hold(),
+                Release())

@@ -11,6 +11,8 @@ Layout of a queue directory (all 0700, files 0600)::
     deferred/   messages waiting for a retry; the file's mtime is when
                 the retry is due
     failed/     messages that failed for good, with their attempt history
+    held/       messages held back (a delivery with "hold on", or
+                "mailout queue hold"), never sent until released
 
 Every move between areas is one ``rename``, so a crash at any point leaves
 each message in exactly one place; claims and unfinished writes of dead

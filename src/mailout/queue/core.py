@@ -383,6 +383,25 @@ class Queue(Recovery, Inspection):
         for claimed, (settled, until) in kept:
             self.release(claimed, settled, until)
 
+    def hold(self, name, area='new'):
+        """Move ``name`` from ``area`` (new or deferred) to ``held/``;
+        False if it left ``area`` meanwhile (another processor took it)."""
+        try:
+            os.rename(self._area(area, name), self._area('held', name))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def release_held(self, name):
+        """Move ``name`` from ``held/`` back to ``new/``, to be sent at once;
+        False if it left ``held/`` meanwhile."""
+        try:
+            os.rename(self._area('held', name), self._area('new', name))
+        except FileNotFoundError:
+            return False
+        self.wake()
+        return True
+
     def promote_due(self, now=None, horizon=None):
         """Move deferred messages whose time has come back to ``new/``.  A
         retry time more than ``horizon`` seconds ahead (the longest backoff)

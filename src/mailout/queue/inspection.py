@@ -144,6 +144,7 @@ class Inspection:
             'in_progress': self.count('cur'),
             'deferred': len(deferred),
             'failed': len(failed),
+            'held': self.count('held'),
             'oldest_age': oldest(waiting + queued_times('cur')
                                  + deferred_since),
             'oldest_waiting_age': oldest(waiting),
@@ -186,9 +187,9 @@ class Inspection:
         return area, target
 
     def purge(self, area, name):
-        """Delete ``name`` from ``area`` (new, deferred or failed) for good.
-        """
-        if area not in ('new', 'deferred', 'failed'):
+        """Delete ``name`` from ``area`` (new, deferred, failed or held) for
+        good."""
+        if area not in ('new', 'deferred', 'failed', 'held'):
             raise QueueError(f'cannot purge from {area}/: the message is '
                              'being delivered')
         try:

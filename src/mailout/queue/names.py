@@ -34,7 +34,7 @@ def _host_id():
 
 
 #: The areas of a queue directory, in the order a message passes them.
-AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed')
+AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed', 'held')
 #: This host in the names of its tmp/ files and claims.
 HOST = _host_id()
 _REASON = '.reason'
