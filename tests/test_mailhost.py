@@ -212,11 +212,13 @@ def test_clean_up_restores_stock(config_file):
 def test_without_products_mailhost_the_directive_says_so(config_file):
     """Where Products.MailHost cannot be imported: a clear
     ConfigurationError naming the extra, with the ZCML file and line."""
+    zcml = ZCML.format(config=config_file,
+                       more='<mail:mailhost delivery="default" />')
     script = (
         'import sys; sys.modules["Products.MailHost"] = None\n'
         'from zope.configuration import xmlconfig\n'
         'try:\n'
-        f'    xmlconfig.string({ZCML.format(config=config_file, more="<mail:mailhost delivery=%sdefault%s />" % (chr(34), chr(34)))!r})\n'  # noqa: E501
+        f'    xmlconfig.string({zcml!r})\n'
         'except Exception as e:\n'
         '    print(type(e).__name__); print(e)\n')
     result = subprocess.run([sys.executable, '-c', script],
@@ -262,7 +264,7 @@ def test_status_methods_report_mailouts_queue(config_file, sink,
         host.manage_restartQueueThread('bogus')
 
 
-# -- a real Zope instance with a MailHost object in its ZODB -------------------
+# -- a real Zope instance with a MailHost object in its ZODB ------------------
 
 SECTION = '''
 <mailout mailout>
@@ -315,7 +317,10 @@ def zconsole(instance, conf, text):
     return result.stdout
 
 
-def set_up_zope(instance, port, mailhost='<mail:mailhost delivery="default" />'):
+MAILHOST = '<mail:mailhost delivery="default" />'
+
+
+def set_up_zope(instance, port, mailhost=MAILHOST):
     """zope.conf relaying to ``port``, ZCML with ``mailhost``, the test views;
     the zope.conf path."""
     conf = str(instance / 'etc' / 'zope.conf')

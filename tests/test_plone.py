@@ -188,8 +188,9 @@ def site(plone):
 
 def subjects(messages):
     """The decoded Subject of each message (Plone encodes them)."""
-    return [str(email.message_from_bytes(m['data'], policy=email.policy.default)
-                ['Subject']) for m in messages]
+    return [str(email.message_from_bytes(
+        m['data'], policy=email.policy.default)['Subject'])
+        for m in messages]
 
 
 def test_send_email_committed_arrives_aborted_does_not(site):
