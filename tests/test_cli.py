@@ -706,25 +706,17 @@ def test_check_names_a_bad_auth(tmp_path, start_sink):
 
 # -- zope.conf ------------------------------------------------------------------
 
-ZOPE_SECTION = '''
-<mailout mailout>
-  <smtp-mailer relay>
-    host 127.0.0.1:{port}
-    tls none
-  </smtp-mailer>
-  <queued-delivery default>
-    mailer relay
-    queue-path $INSTANCE/var/mailqueue
-    processor off
-  </queued-delivery>
-</mailout>
-'''
+def zope_section(port):
+    """A ``<mailout mailout>`` section for zope.conf: mailer 'relay' ->
+    127.0.0.1:port, queued 'default' in the instance, processor off."""
+    return '\n<mailout mailout>\n{}</mailout>\n'.format(config_text(
+        port, '$INSTANCE/var/mailqueue', delivery_lines=('processor off',)))
 
 
 def test_zope_conf_with_mailout_section(instance, sink):
     """-C names a zope.conf with %import mailout: Zope's own code loads it;
     check, send and queue status use its <mailout mailout> section."""
-    conf = write_zope_conf(instance, ZOPE_SECTION.format(port=sink.port))
+    conf = write_zope_conf(instance, zope_section(sink.port))
     status, data = mailout_json('check', '-C', conf)
     assert status == 0, data
     assert data['config']['source'] == f'{conf}, section <mailout mailout>'
@@ -766,7 +758,7 @@ def test_zope_conf_without_mailout(instance):
 def test_zope_conf_without_zope(instance, sink):
     """Where Zope cannot be imported, a zope.conf fails with a message
     saying so (not a schema error)."""
-    conf = write_zope_conf(instance, ZOPE_SECTION.format(port=sink.port))
+    conf = write_zope_conf(instance, zope_section(sink.port))
     # The command's main() in a Python where importing Zope2 fails (a
     # None in sys.modules does that, whatever sys.path holds).
     result = subprocess.run(
