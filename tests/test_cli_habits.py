@@ -110,3 +110,39 @@ def test_send_timeout(tmp_path, start_sink):
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     assert 'deferred' in result.stdout
+
+
+def test_process_once_shows_progress_on_a_long_drain(tmp_path, start_sink):
+    """A drain that takes a while shows its counts on stderr: on a
+    terminal one line updated in place; stdout keeps the summary alone."""
+    import os
+    import pty
+    from mailout.message import prepare
+    from mailout.queue import Queue
+    sink = start_sink('--data-delay', '0.08')
+    conf = queue_config(tmp_path, sink.port)
+    queue = Queue(str(tmp_path / 'queue'))
+    queue.commit([queue.write(prepare('app@example.org', ['ann@example.org'],
+                                      f'Subject: {i}\r\n\r\nx'))
+                  for i in range(50)])
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([SCRIPT, 'process', '--once', '-C', conf],
+                                stdout=subprocess.PIPE, stderr=terminal,
+                                text=True, timeout=120)
+        os.close(terminal)
+        shown = b''
+        while True:
+            try:
+                more = os.read(controller, 65536)
+            except OSError:
+                break
+            if not more:
+                break
+            shown += more
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    assert result.stdout.startswith('default (')
+    assert b'\rmailout process --once: ' in shown
+    assert b' handled in ' in shown and b' sent, 0 deferred, 0 failed' in shown

@@ -81,6 +81,55 @@ def _reply(reply):
     return f'{code} {text}' if code else str(text)
 
 
+class _Progress:
+    """While a long ``process --once`` drains, its counts on stderr: one
+    line updated in place on a terminal, a line every `EVERY` seconds
+    otherwise (a log, cron's mail); nothing for a short run."""
+
+    #: Seconds between lines off a terminal, and before the first line.
+    EVERY = 10.0
+    QUIET_FOR = 2.0
+
+    def __init__(self, tracker, enabled=True):
+        self.tracker = tracker
+        self.enabled = enabled
+        self.terminal = sys.stderr.isatty()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._shown = False
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        if self.enabled:
+            self._thread.join()
+            if self._shown and self.terminal:
+                sys.stderr.write('\n')
+
+    def _run(self):
+        started = time.monotonic()
+        if self._done.wait(self.QUIET_FOR):
+            return
+        while True:
+            counts = self.tracker.counts()
+            line = (f'mailout process --once: {sum(counts.values())} '
+                    f"handled in {age(time.monotonic() - started)}: "
+                    f"{counts['sent']} sent, {counts['deferred']} deferred, "
+                    f"{counts['failed']} failed")
+            if self.terminal:
+                sys.stderr.write(f'\r{line}\x1b[K')
+            else:
+                sys.stderr.write(line + '\n')
+            sys.stderr.flush()
+            self._shown = True
+            if self._done.wait(1.0 if self.terminal else self.EVERY):
+                return
+
+
 class Process(Command):
     name = 'process'
     help = 'run the queue processors of every queued delivery'
@@ -118,14 +167,15 @@ class Process(Command):
             raise CommandError(FAILED, f'{source} has no queued delivery: '
                                        'nothing to process')
         if args.once:
-            return self.once(source, found)
+            return self.once(source, found, progress=not args.json)
         return self.daemon(args, source, found)
 
     # -- --once
 
-    def once(self, source, found):
+    def once(self, source, found, progress=True):
         queues = []
-        with Tracker(keep=('deferred', 'failed')) as tracker:
+        with Tracker(keep=('deferred', 'failed')) as tracker, \
+                _Progress(tracker, enabled=progress):
             for name, delivery, processor in found:
                 handled = processor.run_once()
                 status = delivery.queue.status()
