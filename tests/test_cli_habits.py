@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from helpers import config_text
 from helpers import write_config
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), 'mailout')
@@ -15,16 +16,8 @@ def mailout(*args, **kw):
 
 
 def queue_config(tmp_path, port):
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-        </queued-delivery>''')
+    return write_config(tmp_path / 'mailout.conf', config_text(
+        port, tmp_path / 'queue', delivery_lines=['processor off']))
 
 
 def test_bare_mailout_prints_the_help():

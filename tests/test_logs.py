@@ -6,6 +6,7 @@ import re
 
 import transaction
 
+from helpers import config_text
 from helpers import write_config
 from mailout import config
 from mailout.factories import build_all
@@ -17,16 +18,8 @@ def test_each_outcome_names_message_id_queue_id_and_reply_code(
     """Sent, failed (550) and deferred (451) lines of one message."""
     sink = start_sink('--refuse', 'bad@example.org=550 5.1.1 no such user',
                       '--refuse', 'later@example.org=451 4.7.1 greylisted')
-    path = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{sink.port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-        </queued-delivery>''')
+    path = write_config(tmp_path / 'mailout.conf', config_text(
+        sink.port, tmp_path / 'queue', delivery_lines=['processor off']))
     _, deliveries = build_all(config.load(path))
     delivery = deliveries['default']
     message_id = delivery.send(
@@ -66,16 +59,8 @@ def test_the_queue_commands_take_a_message_id(tmp_path, start_sink):
     def mailout(*args):
         return subprocess.run([script, *args], capture_output=True,
                               text=True, timeout=60)
-    path = write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{start_sink().port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-        </queued-delivery>''')
+    path = write_config(tmp_path / 'mailout.conf', config_text(
+        start_sink().port, tmp_path / 'queue', delivery_lines=['processor off']))
     _, deliveries = build_all(config.load(path))
     message_id = deliveries['default'].send(
         'app@example.org', ['ann@example.org'],

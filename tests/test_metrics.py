@@ -11,6 +11,7 @@ import urllib.request
 import transaction
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import config_text
 from helpers import write_config
 from mailout.factories import build_all
 from mailout import config
@@ -26,17 +27,9 @@ def mailout(*args):
 
 
 def configure(tmp_path, port):
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-          poll-interval 0.1s
-        </queued-delivery>''')
+    return write_config(tmp_path / 'mailout.conf', config_text(
+        port, tmp_path / 'queue',
+        delivery_lines=['processor off', 'poll-interval 0.1s']))
 
 
 def commit(path, *subjects):

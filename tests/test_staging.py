@@ -8,6 +8,8 @@ import sys
 
 import transaction
 
+from helpers import areas
+from helpers import config_text
 from helpers import write_config
 from mailout import config
 from mailout.factories import build_all
@@ -21,18 +23,10 @@ def mailout(*args, **kw):
                           timeout=60, **kw)
 
 
-def configure(tmp_path, port, delivery_lines=''):
-    return write_config(tmp_path / 'mailout.conf', f'''
-        <smtp-mailer relay>
-          host 127.0.0.1:{port}
-          tls none
-        </smtp-mailer>
-        <queued-delivery default>
-          mailer relay
-          queue-path {tmp_path}/queue
-          processor off
-          {delivery_lines}
-        </queued-delivery>''')
+def configure(tmp_path, port, delivery_line=''):
+    return write_config(tmp_path / 'mailout.conf', config_text(
+        port, tmp_path / 'queue',
+        delivery_lines=['processor off', delivery_line]))
 
 
 def send(path, *messages):
@@ -43,11 +37,6 @@ def send(path, *messages):
            for fromaddr, to, subject in messages]
     transaction.commit()
     return delivery, ids
-
-
-def areas(queue):
-    return {area: sorted(os.listdir(os.path.join(queue.path, area)))
-            for area in ('new', 'deferred', 'failed', 'held')}
 
 
 def test_hold_on_queues_and_never_sends(tmp_path, sink, caplog):

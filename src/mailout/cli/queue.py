@@ -426,8 +426,9 @@ class Purge(QueueCommand):
         if not todo or args.dry_run:
             return Result({'ok': True, 'dry_run': args.dry_run,
                            'purged': [], 'would_purge': listed})
-        if not args.yes:
-            _confirm(listed)
+        if not args.yes and not _confirm(listed):
+            return Result({'ok': True, 'dry_run': False, 'purged': [],
+                           'declined': listed})
         return self._purge(todo, listed)
 
     def _todo(self, args, queues):
@@ -467,6 +468,9 @@ class Purge(QueueCommand):
 
     def text(self, result):
         data = result.data
+        if 'declined' in data:
+            print('nothing deleted')
+            return
         if 'would_purge' in data:
             if not data['would_purge']:
                 print('nothing to purge')
@@ -587,8 +591,7 @@ def _confirm(listed):
     sys.stderr.write(f'delete these {len(listed)} message(s) for good? '
                      '[y/N] ')
     sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ('y', 'yes'):
-        raise CommandError(FAILED, 'nothing deleted')
+    return sys.stdin.readline().strip().lower() in ('y', 'yes')
 
 
 #: Nagios/Icinga plugin exit statuses.
