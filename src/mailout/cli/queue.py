@@ -515,65 +515,63 @@ def _selected(args, queues, areas):
             and (args.recipient is None or args.recipient in e.toaddrs)]
 
 
-class Hold(QueueCommand):
+class _Move(QueueCommand):
+    """A command that moves the messages ID, --all, --from or --to choose
+    out of ``areas``: `move` each, say ``done`` and ``how``."""
+    writable = True
+    areas: tuple = ()
+    done = how = ''
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        _add_selection(parser)
+
+    def move(self, queue, entry):
+        """Move ``entry``; False if it moved on meanwhile."""
+        raise NotImplementedError
+
+    def run(self, args):
+        if not args.id and not _chooses_many(args):
+            raise CommandError(USAGE, 'give ID, --all, --from ADDRESS or '
+                                      '--to ADDRESS')
+        _, queues = self.queues(args)
+        moved = [{'id': e.name, 'from_area': e.area, 'path': queue.path,
+                  'message_id': e.message_id}
+                 for queue, e in _selected(args, queues, self.areas)
+                 if self.move(queue, e)]
+        return Result({'ok': True, self.done: moved})
+
+    def text(self, result):
+        moved = result.data[self.done]
+        for item in moved:
+            print(f"{printable(item['id'])}: "
+                  + self.how.format(area=item['from_area']))
+        print(f'{n(len(moved), "message")} {self.done}' if moved
+              else f'nothing {self.done}')
+
+
+class Hold(_Move):
     name = 'hold'
     help = 'hold messages back: never sent until released'
     description = ('Move waiting or deferred messages to held/, where no '
                    'processor takes them, until "mailout queue release".')
-    writable = True
+    areas = ('new', 'deferred')
+    done, how = 'held', '{area}/ -> held/'
 
-    def add_arguments(self, parser):
-        super().add_arguments(parser)
-        _add_selection(parser)
-
-    def run(self, args):
-        return _move(self, args, ('new', 'deferred'),
-                     lambda queue, e: queue.hold(e.name, e.area), 'held')
-
-    def text(self, result):
-        _print_moved(result, 'held', '{area}/ -> held/')
+    def move(self, queue, entry):
+        return queue.hold(entry.name, entry.area)
 
 
-class Release(QueueCommand):
+class Release(_Move):
     name = 'release'
     help = 'send held messages'
     description = ('Move held messages back to new/, to be sent at once '
                    '(unless their delivery has "hold on").')
-    writable = True
+    areas = ('held',)
+    done, how = 'released', 'held/ -> new/'
 
-    def add_arguments(self, parser):
-        super().add_arguments(parser)
-        _add_selection(parser)
-
-    def run(self, args):
-        return _move(self, args, ('held',),
-                     lambda queue, e: queue.release_held(e.name), 'released')
-
-    def text(self, result):
-        _print_moved(result, 'released', 'held/ -> new/')
-
-
-def _move(command, args, areas, move, done):
-    """Move the messages ``args`` choose in ``areas``: ``move(queue,
-    entry)`` is False for one that moved on meanwhile."""
-    if not args.id and not _chooses_many(args):
-        raise CommandError(USAGE, 'give ID, --all, --from ADDRESS or --to '
-                                  'ADDRESS')
-    _, queues = command.queues(args)
-    moved = [{'id': e.name, 'from_area': e.area, 'path': queue.path,
-              'message_id': e.message_id}
-             for queue, e in _selected(args, queues, areas)
-             if move(queue, e)]
-    return Result({'ok': True, done: moved})
-
-
-def _print_moved(result, done, how):
-    moved = result.data[done]
-    for item in moved:
-        print(f"{printable(item['id'])}: "
-              + how.format(area=item['from_area']))
-    print(f'{n(len(moved), "message")} {done}' if moved
-          else f'nothing {done}')
+    def move(self, queue, entry):
+        return queue.release_held(entry.name)
 
 
 def _where(item):
