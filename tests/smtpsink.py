@@ -16,6 +16,7 @@ them to the first N occasions only, then the sink behaves (--refuse and
 received in full but never answered (dropped or stalled "after-dot", the
 RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
 Like a real server, the sink closes the connection after any 421 reply.
+--port PORT listens on that port (a sink started again after an outage).
 
 This is the SMTP (and LMTP) server for tests: `helpers.Sink` runs it and
 reads what it recorded, conftest's ``sink`` and ``start_sink`` fixtures
@@ -264,6 +265,10 @@ def main(argv=None):
                         help='speak LMTP (RFC 2033) instead of SMTP')
     parser.add_argument('--unix', metavar='PATH',
                         help='listen on this unix socket (prints 0)')
+    parser.add_argument('--port', type=int, default=0,
+                        help='listen on this TCP port (default: one the '
+                             'system picks), e.g. that of a sink stopped '
+                             'for an outage')
     parser.add_argument('--deliver-reply', action='append', default=[],
                         metavar='ADDRESS=REPLY',
                         help='LMTP: answer the final dot for ADDRESS with '
@@ -330,7 +335,7 @@ def main(argv=None):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(args.unix)
     else:
-        sock = tcp_listener()
+        sock = tcp_listener(args.port)
     sock.listen(128)
     protocol = SinkLMTP if args.lmtp else SinkSMTP
 
@@ -342,14 +347,15 @@ def main(argv=None):
     serve_until_stdin_closes(loop, server)
 
 
-def tcp_listener():
-    """A socket listening on 127.0.0.1, on a port the system picks.  Made
+def tcp_listener(port=0):
+    """A socket listening on 127.0.0.1, on ``port`` (0: one the system
+    picks).  Made
     with IPPROTO_TCP, or asyncio sets no TCP_NODELAY on its connections
     (+40 ms each through Nagle and delayed ACKs)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
                          socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(('127.0.0.1', 0))
+    sock.bind(('127.0.0.1', port))
     sock.listen(128)
     return sock
 

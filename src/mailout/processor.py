@@ -28,6 +28,8 @@ from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
+from mailout.mailers.relays import RelaysResting
+from mailout.queue import fileformat
 from mailout.message import message_id_of
 from mailout.message import printable
 from mailout.retry import RetryPolicy
@@ -68,6 +70,15 @@ class MailFailedEvent(_MailEvent):
 #: Seconds a sender thread keeps its idle connection open, so that sparse
 #: mail does not pay for a new connection each time.
 KEEP_IDLE_CONNECTION = 15
+
+#: While a relay rests and messages wait in deferred/, a processor probes
+#: the mailer's relays this often (seconds), so that a relay that comes
+#: back is used within seconds, not at the next retry minutes later.
+PROBE_INTERVAL = 2.0
+
+#: How long such a probe may take a relay (seconds): a relay that does not
+#: answer within it is still down for this purpose.
+PROBE_TIMEOUT = 5.0
 
 
 class RateLimit:
@@ -120,6 +131,14 @@ class Processor:
         self._names: collections.deque[str] = collections.deque()
         self._names_lock = threading.Lock()
         self._last_maintenance = None       # time.monotonic()
+        # The relays' rests are kept in the queue directory, where every
+        # process working the queue sees them (a mailer without relays has
+        # none to keep).
+        share = getattr(mailer, 'share_relay_state', None)
+        if share is not None:
+            share(queue.relay_states)
+        self._last_probe = -PROBE_INTERVAL  # time.monotonic()
+        self._seen_back = 0.0   # the newest relay-back acted upon
 
     def __repr__(self):
         return f'<Processor {self.name!r} {self.queue.path}>'
@@ -205,6 +224,51 @@ class Processor:
     def _recover(self):
         self.queue.recover()
         self.queue.promote_due(horizon=self.retry.max_backoff)
+        self._watch_relays()
+
+    def _watch_relays(self):
+        """When a relay came back (a connection after its rest, in any
+        process working this queue, or `mailout queue retry`), promote the
+        messages deferred for want of a connection: they never reached a
+        server, so trying them now costs nothing.  While a relay rests and
+        messages are deferred, probe the relays every `PROBE_INTERVAL`: the
+        probe's success is such a connection."""
+        if self._promote_if_back():
+            return
+        now = time.monotonic()
+        with self._names_lock:
+            if now - self._last_probe < PROBE_INTERVAL:
+                return
+            self._last_probe = now
+        resting = getattr(self.mailer, 'resting', None)
+        if resting is None or not resting() \
+                or not self.queue.count('deferred'):
+            return
+        try:
+            self.mailer.probe(PROBE_TIMEOUT)
+        except Exception:
+            log.exception('%r: probing the relays failed', self)
+            return
+        self._promote_if_back()
+
+    def _promote_if_back(self):
+        back = [(record['since'], relay) for relay, record
+                in self.queue.relay_states.load().items()
+                if record['state'] == 'up' and record.get('back')
+                and record['since'] > self._seen_back]
+        if not back:
+            return False
+        with self._names_lock:
+            newest = max(back)[0]
+            if newest <= self._seen_back:
+                return False
+            self._seen_back = newest
+        moved = self.queue.promote_deferred(self._waits_for_a_relay)
+        if moved:
+            log.info('%r: relay %s back: %d message(s) deferred for want of '
+                     'a connection are sent now', self,
+                     ', '.join(sorted(relay for _, relay in back)), moved)
+        return True
 
     def _next_name(self):
         # One listing of new/ serves every sender thread until it is used
@@ -259,6 +323,20 @@ class Processor:
             worker.join()
         return sum(handled.values())
 
+    def _waits_for_a_relay(self, message):
+        """Whether the deferred ``message`` waits for nothing but a relay:
+        its last attempt reached no server (no reply code: refused, timed
+        out, TLS failed), or it was not tried (every relay rested) either
+        ever or since its retry time came."""
+        if not message.attempts:
+            return True
+        last = message.attempts[-1]
+        if not fileformat.answered(last):
+            return True
+        at = fileformat.attempted_at(last)
+        backoff = self.retry.next_attempt(len(message.attempts), 0)
+        return at is not None and at + backoff <= time.time()
+
     def _handle(self, name):
         """Deliver (or, with ``hold``, hold) the waiting message ``name``;
         whether it was this thread's to handle."""
@@ -299,16 +377,20 @@ class Processor:
             self.queue.done(claimed)
             return
         message_id = message_id_of(message.message)
+        tried = True
         try:
             refused = self.mailer.send(message.fromaddr, message.toaddrs,
                                        message.message) or {}
+        except RelaysResting as e:      # not sent anywhere: no attempt
+            refused = dict.fromkeys(message.toaddrs, e.reply)
+            tried = False
         except DeliveryError as e:      # for every recipient alike
             refused = dict.fromkeys(message.toaddrs, e.reply)
         except Exception as e:
             log.exception('%r: mailer failed on %s', self, claimed)
             refused = dict.fromkeys(message.toaddrs,
                                     (None, f'{type(e).__name__}: {e}'))
-        self._settle(claimed, message, message_id, refused)
+        self._settle(claimed, message, message_id, refused, tried)
 
     def _quarantine(self, claimed, error):
         log.error('%r: unreadable queue file %s: %s', self,
@@ -321,11 +403,11 @@ class Processor:
             self.queue.release(claimed, (), time.time()
                                + self.retry.min_backoff)
 
-    def _settle(self, claimed, message, message_id, refused):
+    def _settle(self, claimed, message, message_id, refused, tried=True):
         # The queue first, then logs and events: neither a crash nor a
         # failing subscriber past this point can make the message go twice.
         decision = decide(message.toaddrs, refused, len(message.attempts),
-                          message.queued_at, time.time(), self.retry)
+                          message.queued_at, time.time(), self.retry, tried)
         decision = self._record(claimed, message, decision)
         self._announce(message, message_id, decision)
 
@@ -339,7 +421,9 @@ class Processor:
                                 _attempt(decision.failed_reply),
                                 keep_claim=bool(deferred))
                 recorded = tuple(failed)
-            if deferred:
+            if deferred and not decision.tried:
+                self.queue.postpone(claimed, decision.until)
+            elif deferred:
                 self.queue.defer(claimed, tuple(deferred),
                                  _attempt(decision.deferred_reply),
                                  decision.until)
@@ -379,9 +463,12 @@ class Processor:
                                          *where, reply))
         if decision.deferred:
             reply = decision.deferred_reply
-            log.warning('%r: %s deferred for %s until %s: %s', self,
+            log.warning('%r: %s deferred for %s until %s%s: %s', self,
                         shown, _listed(decision.deferred),
-                        _stamp(decision.until), _reply_text(reply))
+                        _stamp(decision.until),
+                        '' if decision.tried else
+                        ' or a relay is back, not tried (no attempt counted)',
+                        _reply_text(reply))
             self._notify(MailDeferredEvent(*about, tuple(decision.deferred),
                                            *where, reply))
 

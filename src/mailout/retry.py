@@ -48,6 +48,7 @@ class Decision:
     deferred: Refused   # address -> reply: worth another attempt at `until`
     failed: Refused     # address -> reply: never to be tried again
     until: float        # seconds since the epoch
+    tried: bool = True  # False: not sent anywhere (every relay rests)
 
     @property
     def deferred_reply(self) -> Optional[Reply]:
@@ -62,7 +63,8 @@ class Decision:
 
 def decide(toaddrs: Sequence[str], refused: Mapping[str, Reply],
            previous_attempts: int, queued_at: Optional[float], now: float,
-           policy: RetryPolicy = RetryPolicy()) -> Decision:
+           policy: RetryPolicy = RetryPolicy(), tried: bool = True
+           ) -> Decision:
     """Decide what an attempt to send to ``toaddrs`` means.
 
     ``refused`` maps each recipient the mailer did not deliver to to its
@@ -72,6 +74,11 @@ def decide(toaddrs: Sequence[str], refused: Mapping[str, Reply],
     unknown: then it counts as new).  A 5xx reply fails its recipient; any
     other defers it, unless the message has been in the queue for
     ``policy.max_lifetime``: then it fails too, its reply saying so.
+
+    ``tried=False``: the message was not sent anywhere (every relay rests).
+    That is no attempt: the backoff stays that of the attempts before
+    (``min_backoff`` for a message never tried), and the processor records
+    no attempt line.  The message is tried when a relay is back.
     """
     sent = tuple(a for a in toaddrs if a not in refused)
     failed = {a: r for a, r in refused.items() if is_permanent(r)}
@@ -81,8 +88,8 @@ def decide(toaddrs: Sequence[str], refused: Mapping[str, Reply],
         failed.update((a, (r[0], f'{r[1]} (gave up after {int(age)}s in '
                               f'the queue)')) for a, r in deferred.items())
         deferred = {}
-    until = policy.next_attempt(previous_attempts + 1, now)
-    return Decision(sent, deferred, failed, until)
+    until = policy.next_attempt(previous_attempts + tried, now)
+    return Decision(sent, deferred, failed, until, tried)
 
 
 def summary(refused: Mapping[str, Reply]) -> Reply:

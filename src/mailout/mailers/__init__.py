@@ -13,7 +13,8 @@ not stop replying is rested like one that timed out.
 
 The SMTP mailer is cut into parts other transports reuse:
 
-- `relays`: which relay a new connection goes to, and which rest;
+- `relays`: which relay a new connection goes to, and which rest (in
+  memory, or in a store the processes working one queue share);
 - `connection`: smtplib's connections with bounded replies;
 - `session`: connect, greet, STARTTLS, AUTH, and what they achieved;
 - `transaction`: MAIL, RCPT, DATA and what the replies mean;
@@ -26,8 +27,10 @@ from mailout.mailers.connection import MAX_REPLY_SIZE  #: bytes of a reply
 from mailout.mailers.connection import RelayStalled  #: a stalled relay
 from mailout.mailers.lmtp import LMTPMailer  #: LMTP, e.g. to Mailman
 from mailout.mailers.relays import RelayRotation  #: relays in turn, rests
+from mailout.mailers.relays import RelaysResting  #: none tried: all rest
 from mailout.mailers.sendmail import SendmailMailer  #: the sendmail program
 from mailout.mailers.smtp import SMTPMailer  #: SMTP relays
 
 __all__ = ['LMTPMailer', 'MAX_CHALLENGES', 'MAX_REPLY_SIZE', 'Mailer',
-           'RelayRotation', 'RelayStalled', 'SMTPMailer', 'SendmailMailer']
+           'RelayRotation', 'RelayStalled', 'RelaysResting', 'SMTPMailer',
+           'SendmailMailer']

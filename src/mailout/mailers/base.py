@@ -14,7 +14,8 @@ class Mailer:
     """A base for mailers: zope.sendmail's IMailer asks for ``vote`` and
     ``abort``, and there is nothing to check before sending nor to undo;
     ``close`` ends the calling thread's connection, if any (here there is
-    none); ``probe`` has nothing to check.  A subclass gives ``name``,
+    none); ``probe`` has nothing to check; there are no relays to rest
+    (``share_relay_state``, ``resting``).  A subclass gives ``name``,
     ``send`` and, where it has something to check, ``probe``."""
 
     name: Optional[str] = None
@@ -34,4 +35,13 @@ class Mailer:
         pass
 
     def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+        return []
+
+    def share_relay_state(self, store: Any) -> None:
+        """Keep the rests of this mailer's relays in ``store`` (what the
+        processes working one queue share, `mailout.queue.RelayStates`);
+        a mailer without relays has none to keep."""
+
+    def resting(self) -> list[str]:
+        """The relays (``host:port``) that rest: none without relays."""
         return []

@@ -148,13 +148,25 @@ class SMTPMailer(Mailer):
                 connection = self.connect(host, port, settings)
             except TransientDeliveryError as e:
                 result['error'] = e.reply[1]
+                self.rotation.still_down((host, port), e.reply[1])
             else:
                 result.update(ok=True,
                               **session.negotiated(connection, settings))
                 session.end(connection)
+                self.rotation.came_up((host, port))
             result['seconds'] = round(time.monotonic() - started, 3)
             results.append(result)
         return results
+
+    def share_relay_state(self, store) -> None:
+        """Keep the relays' rests in ``store``, which the processes working
+        one queue share (`RelayRotation.share`)."""
+        self.rotation.share(store)
+
+    def resting(self) -> list[str]:
+        """``host:port`` of each relay that rests, or whose rest is over
+        but no connection has ended it yet."""
+        return self.rotation.resting()
 
     def connect(self, host, port, settings=None):
         """A new session with one relay: greeted, encrypted and

@@ -13,6 +13,8 @@ Layout of a queue directory (all 0700, files 0600)::
     failed/     messages that failed for good, with their attempt history
     held/       messages held back (a delivery with "hold on", or
                 "mailout queue hold"), never sent until released
+    relays.json which relays rest, until when and why, shared by the
+                processes working the queue (`relaystate`)
 
 Every move between areas is one ``rename``, so a crash at any point leaves
 each message in exactly one place; claims and unfinished writes of dead
@@ -23,7 +25,8 @@ delivery are read too; its dot-files are ignored, as Maildir readers do.
 
 Modules: `names` (every queue file name), `fileformat` (what a file
 holds), `files` (safe file operations), `core` (`Queue`, the state
-machine), `recovery` and `inspection` (parts of `Queue`).
+machine), `recovery` and `inspection` (parts of `Queue`), `relaystate`
+(the relays' rests).
 """
 from mailout.queue.core import Queue                #: one queue directory
 from mailout.queue.fileformat import QueuedMessage  #: a message read back
@@ -33,6 +36,7 @@ from mailout.queue.inspection import area_problems  #: for `mailout check`
 from mailout.queue.names import AREAS               #: tmp, new, cur, ...
 from mailout.queue.recovery import CLAIM_LEASE      #: other hosts' claims
 from mailout.queue.recovery import TMP_LIFETIME     #: other hosts' writes
+from mailout.queue.relaystate import RelayStates    #: relays.json
 
 __all__ = ['AREAS', 'CLAIM_LEASE', 'Entry', 'Queue', 'QueueError',
-           'QueuedMessage', 'TMP_LIFETIME', 'area_problems']
+           'QueuedMessage', 'RelayStates', 'TMP_LIFETIME', 'area_problems']

@@ -19,6 +19,7 @@ from mailout.queue import names
 from mailout.queue.files import QueueError
 from mailout.queue.inspection import Inspection
 from mailout.queue.recovery import Recovery
+from mailout.queue.relaystate import RelayStates
 
 log = logging.getLogger('mailout.queue')
 
@@ -58,6 +59,8 @@ class Queue(Recovery, Inspection):
         self._unfinished = []       # committed batches still in tmp/
         self._unreleased = {}       # claim -> (settled, until), see release
         self._reported = set()      # names logged once
+        #: What the processes working this queue know of its relays.
+        self.relay_states = RelayStates(self.path)
         os.register_at_fork(after_in_child=self._after_fork)
 
     def __repr__(self):
@@ -291,6 +294,15 @@ class Queue(Recovery, Inspection):
                   self._area('deferred', names.Claim.parse(claimed).name))
         self.forget(claimed)
 
+    def postpone(self, claimed, until):
+        """Put the message back in ``deferred/`` until ``until`` as it is,
+        with no attempt added: it was not tried (its relays rest)."""
+        path = self._area('cur', claimed)
+        os.utime(path, (until, until), follow_symlinks=False)
+        os.rename(path,
+                  self._area('deferred', names.Claim.parse(claimed).name))
+        self.forget(claimed)
+
     def fail(self, claimed, toaddrs, attempt, keep_claim=False):
         """Move the message for ``toaddrs`` to ``failed/`` with its history.
 
@@ -418,6 +430,31 @@ class Queue(Recovery, Inspection):
                         moved += 1
                     except FileNotFoundError:   # another processor moved it
                         pass
+        return moved
+
+    def promote_deferred(self, select):
+        """Move the deferred messages for which ``select(message)`` (a
+        `fileformat.QueuedMessage` read from the file's head) is true back
+        to ``new/``, to be sent now whatever their retry time (a relay came
+        back).  Unreadable ones wait for their time.  How many moved."""
+        moved = 0
+        for name in self._listdir('deferred'):
+            path = self._area('deferred', name)
+            with self._entry_errors(name):
+                try:
+                    message = fileformat.parse(name, files.read_regular(
+                        path, fileformat.read_head))
+                except (ValueError, FileNotFoundError):
+                    continue        # unreadable: left for its retry time
+                if not select(message):
+                    continue
+                try:
+                    os.rename(path, self._area('new', name))
+                    moved += 1
+                except FileNotFoundError:   # another processor moved it
+                    pass
+        if moved:
+            self.wake()
         return moved
 
     @contextlib.contextmanager

@@ -11,8 +11,10 @@ settled, written in place when the outcome could not be recorded.)
 Files written by zope.sendmail's queued delivery (``X-Zope-From`` and
 ``X-Zope-To`` lines before the message) are read too.
 """
+import calendar
 import dataclasses
 import os
+import time
 
 from mailout.message import normalise_line_endings
 from mailout.queue import names
@@ -98,6 +100,25 @@ def _parse_zope_sendmail(name, data):
                          'recipients')
     return QueuedMessage(name, fromaddr, toaddrs,
                          normalise_line_endings(message))
+
+
+def answered(attempt):
+    """Whether the attempt line ``attempt`` (``TIME CODE TEXT``, or ``TIME
+    TEXT`` when no server replied) has a reply code: False for a failure to
+    connect, a refused or timed-out connection, a failed TLS handshake --
+    an attempt that never reached a server's verdict on the message."""
+    parts = attempt.split(' ', 2)
+    return len(parts) > 1 and len(parts[1]) == 3 and parts[1].isdigit()
+
+
+def attempted_at(attempt):
+    """When the attempt line ``attempt`` was written (seconds since the
+    epoch), or None if it does not start with a UTC time stamp."""
+    try:
+        return calendar.timegm(time.strptime(attempt[:20],
+                                             '%Y-%m-%dT%H:%M:%SZ'))
+    except ValueError:
+        return None
 
 
 def read_head(f, chunk=8192, limit=1024 * 1024):
