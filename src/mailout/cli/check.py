@@ -9,6 +9,7 @@ from mailout.cli.base import n
 from mailout.cli.base import queued
 from mailout.cli.base import require_config
 from mailout.cli.base import seconds_argument
+from mailout.cli.base import stamp
 from mailout.message import printable
 
 
@@ -18,7 +19,9 @@ class Check(Command):
     description = (
         'Load CONFIG, then connect to each relay of each SMTP mailer (EHLO, '
         'STARTTLS, AUTH as configured) without sending anything, and check '
-        'that queue directories are writable.  Exit 1 if anything failed.')
+        'that queue directories are writable; a relay that the processes '
+        'of a queue let rest is shown with until when and why.  Exit 1 if '
+        'anything failed.')
 
     def add_arguments(self, parser):
         parser.add_argument('--timeout', type=seconds_argument,
@@ -42,8 +45,12 @@ class Check(Command):
         result['config'].update(
             ok=True, source=source, mailers=sorted(settings.mailers),
             deliveries=sorted(settings.deliveries))
+        recorded = _recorded_states(settings)
         for name, mailer_settings in settings.mailers.items():
             checked = _mailer(name, mailer_settings, args.timeout)
+            for relay in checked['relays']:
+                relay.update(recorded.get(f"{relay['host']}:{relay['port']}",
+                                          {'state': 'up', 'rest': None}))
             result['mailers'].append(checked)
             if not all(relay['ok'] for relay in checked['relays']):
                 result['ok'] = False
@@ -71,6 +78,8 @@ class Check(Command):
                 print('  not an SMTP mailer: not checked')
             for relay in mailer['relays']:
                 print(f"  {relay['host']}:{relay['port']}  {_relay(relay)}")
+                if relay.get('rest'):
+                    print(f"    {_rest(relay)}")
         for queue in data['queues']:
             print(f"queue {', '.join(queue['deliveries'])}  {queue['path']}  "
                   + ('ok' if queue['ok'] else f"FAILED: {queue['error']}"))
@@ -92,6 +101,36 @@ def _relay(relay):
     if relay['auth']:
         done.append(f"AUTH as {relay['auth']}")
     return f"ok: {', '.join(done)}  ({relay['seconds'] * 1000:.0f} ms)"
+
+
+def _recorded_states(settings):
+    """``{host:port: {'state', 'rest'}}``: each relay that rests, or whose
+    rest is over but untried, as the processes working a queue recorded it
+    (``state`` "resting" or "down"; ``rest``: the queue's path, since,
+    until and why); the relays not named are up."""
+    import time
+
+    from mailout.cli.queue import relay_states
+    now, found = time.time(), {}
+    for names, path in queued(settings, required=False):
+        for state in relay_states(settings, names, path, now):
+            if state['state'] == 'up':
+                continue
+            known = found.get(state['relay'])
+            if known is None or state['since'] > known['rest']['since']:
+                found[state['relay']] = {'state': state['state'], 'rest': {
+                    'path': path, 'since': state['since'],
+                    'until': state['until'], 'why': state['why']}}
+    return found
+
+
+def _rest(relay):
+    """``resting until TIME, down since TIME: WHY (queue PATH)``."""
+    rest = relay['rest']
+    how = f"resting until {stamp(rest['until'])}" \
+        if relay['state'] == 'resting' else 'rest over'
+    return (f"{how}, down since {stamp(rest['since'])}: "
+            f"{printable(rest['why'])} (recorded in queue {rest['path']})")
 
 
 def _mailer(name, settings, timeout):

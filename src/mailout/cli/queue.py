@@ -64,8 +64,60 @@ class QueueCommand(Command):
                 'next_attempt': when(status['next_attempt']),
                 'hold': [d.name for d in deliveries if d.hold],
                 'redirect_to': {d.name: d.redirect_to for d in deliveries
-                                if d.redirect_to}})
+                                if d.redirect_to},
+                'relays': relay_states(settings, names, path, now)})
         return source, result
+
+
+def relay_states(settings, names, path, now):
+    """The state of each relay of the mailers of the deliveries ``names``
+    as the processes working the queue at ``path`` recorded it
+    (`mailout.queue.RelayStates`): ``{'relay': 'host:port', 'mailers',
+    'state', 'since', 'until', 'why'}``.  ``state`` is "up" (no rest
+    recorded, or one ended: then ``since`` and ``why`` say when and how),
+    "resting" (no connection is tried before ``until``, but the
+    processors probe it) or "down" (its rest is over; the next connection
+    tries it)."""
+    from mailout.mailers.relays import rest_of
+    from mailout.queue import RelayStates
+    records = RelayStates(path).load()
+    relays: dict = {}
+    for name in names:
+        mailer = settings.deliveries[name].mailer
+        for host, port in getattr(settings.mailers.get(mailer), 'relays',
+                                  ()):
+            mailers = relays.setdefault(f'{host}:{port}', [])
+            if mailer not in mailers:
+                mailers.append(mailer)
+    result = []
+    for relay, mailers in relays.items():
+        record = records.get(relay)
+        state = {'relay': relay, 'mailers': mailers, 'state': 'up',
+                 'since': None, 'until': None, 'why': None}
+        if record is not None:
+            state.update(since=when(record['since']), why=record['why'])
+            if record['state'] == 'resting':
+                resting = rest_of(record, now) is not None
+                state.update(state='resting' if resting else 'down',
+                             until=when(record['until']))
+        result.append(state)
+    return result
+
+
+def relay_line(state, now):
+    """One relay's state for text: ``up``, ``up since TIME (rest ended by
+    HOW)``, ``resting until TIME (in 25s), down since TIME: WHY`` or
+    ``down since TIME, rest over (the next connection tries it): WHY``."""
+    why = printable(state['why'] or '')
+    if state['state'] == 'up':
+        return 'up' if state['since'] is None else \
+            f"up since {stamp(state['since'])} (back: {why})"
+    if state['state'] == 'resting':
+        return (f"resting until {stamp(state['until'])} "
+                f"({relative(state['until'], now)}), down since "
+                f"{stamp(state['since'])}: {why}")
+    return (f"down since {stamp(state['since'])}, rest over (the next "
+            f"connection tries it): {why}")
 
 
 def _open_queue(path, writable):
@@ -136,8 +188,8 @@ class Status(QueueCommand):
     description = (
         'Per queue: messages waiting (new/), in progress (cur/), deferred, '
         'failed; the age of the oldest message not yet settled; the next '
-        'retry; and the newest attempt line of a deferred or failed '
-        'message.  With --warn-age, --crit-age or --max-failed it is a '
+        'retry; the newest attempt line of a deferred or failed message; '
+        'and each relay: up, or resting until when and why.  With --warn-age, --crit-age or --max-failed it is a '
         'Nagios/Icinga check: one summary line, exit 0 (OK), 1 (WARNING) '
         'or 2 (CRITICAL).')
 
@@ -184,6 +236,9 @@ class Status(QueueCommand):
             for name, address in q['redirect_to'].items():
                 print(f'  redirect     {name}: every message to '
                       f'{printable(address)}')
+            for relay in q['relays']:
+                print(f"  relay        {relay['relay']}  "
+                      f"{relay_line(relay, result.now)}")
 
 
 class List(QueueCommand):
@@ -323,8 +378,10 @@ class Retry(QueueCommand):
     description = (
         'Move messages from failed/ or deferred/ back to new/; a running '
         'processor takes them within its poll-interval ("mailout process '
-        '--once" delivers them at once).  A failed message that failed for '
-        'its age (max-lifetime) fails again at its next transient error.')
+        '--once" delivers them at once).  Any rest of a relay recorded in '
+        'the queue ends, so the messages are tried, not deferred again '
+        'untried.  A failed message that failed for its age (max-lifetime) '
+        'fails again at its next transient error.')
     writable = True
 
     def add_arguments(self, parser):
@@ -348,11 +405,25 @@ class Retry(QueueCommand):
                 raise CommandError(FAILED, f'{name} is not failed or '
                                            f'deferred (it is in '
                                            f'{", ".join(areas)}/)')
+            resting = [queue]
         else:
             area = 'failed' if args.all_failed else 'deferred'
             todo = [(queue, e.name, area) for names, _, queue in queues
                     if queue is not None for e in queue.entries(area)]
-        done, errors = [], []
+            resting = [queue for _, _, queue in queues if queue is not None]
+        done, errors, rests = [], [], []
+        # Rests end first: a processor that takes a retried message must
+        # try it, not defer it again untried.
+        for queue in resting:
+            try:
+                ended = queue.relay_states.end_rests('mailout queue retry')
+            except OSError as e:
+                errors.append({'id': None, 'path': queue.path,
+                               'error': f'cannot end the relays\' rests: '
+                                        f'{e}'})
+            else:
+                rests += [{'relay': relay, 'path': queue.path}
+                          for relay in ended]
         for queue, name, area in todo:
             try:
                 area, new_name = queue.retry(name, area)
@@ -362,17 +433,20 @@ class Retry(QueueCommand):
             else:
                 done.append({'id': name, 'path': queue.path, 'from': area,
                              'new_id': new_name})
-        return Result({'ok': not errors, 'retried': done, 'errors': errors},
-                      FAILED if errors else OK)
+        return Result({'ok': not errors, 'retried': done, 'errors': errors,
+                       'rests_ended': rests}, FAILED if errors else OK)
 
     def text(self, result):
         done, errors = result.data['retried'], result.data['errors']
+        for rest in result.data['rests_ended']:
+            print(f"relay {rest['relay']}: rest ended, tried at the next "
+                  'connection')
         for d in done:
             print(f"{printable(d['id'])}: {d['from']}/ -> new/"
                   + (f" as {printable(d['new_id'])}"
                      if d['new_id'] != d['id'] else ''))
         for e in errors:
-            print(f"{printable(e['id'])}: not retried: "
+            print(f"{printable(e['id'] or e['path'])}: not retried: "
                   f"{printable(e['error'])}", file=sys.stderr)
         if not done and not errors:
             print('nothing to retry')
