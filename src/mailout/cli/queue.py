@@ -69,7 +69,8 @@ class QueueCommand(Command):
         return source, result
 
 
-def relay_states(settings, names, path, now):
+def relay_states(settings, names: list[str], path: str,
+                 now: float) -> list[dict]:
     """The state of each relay of the mailers of the deliveries ``names``
     as the processes working the queue at ``path`` recorded it
     (`mailout.queue.RelayStates`): ``{'relay': 'host:port', 'mailers',
