@@ -138,6 +138,7 @@ class Processor:
         if share is not None:
             share(queue.relay_states)
         self._last_probe = -PROBE_INTERVAL  # time.monotonic()
+        self._probing: Optional[threading.Thread] = None
         self._seen_back = 0.0   # the newest relay-back acted upon
 
     def __repr__(self):
@@ -189,6 +190,7 @@ class Processor:
         self._names_lock = threading.Lock()
         self._names = collections.deque()
         self._threads = []
+        self._probing = None
         if self.rate is not None:
             self.rate = RateLimit(self.rate.rate)
 
@@ -231,21 +233,33 @@ class Processor:
         process working this queue, or `mailout queue retry`), promote the
         messages deferred for want of a connection: they never reached a
         server, so trying them now costs nothing.  While a relay rests and
-        messages are deferred, probe the relays every `PROBE_INTERVAL`: the
-        probe's success is such a connection."""
+        messages are deferred, probe the resting relays every
+        `PROBE_INTERVAL` (in a thread of its own): the probe's success is
+        such a connection."""
         if self._promote_if_back():
             return
+        probe = getattr(self.mailer, 'probe_resting', None)
+        resting = getattr(self.mailer, 'resting', None)
         now = time.monotonic()
         with self._names_lock:
-            if now - self._last_probe < PROBE_INTERVAL:
+            if probe is None or resting is None \
+                    or now - self._last_probe < PROBE_INTERVAL \
+                    or self._probing is not None \
+                    and self._probing.is_alive():
                 return
             self._last_probe = now
-        resting = getattr(self.mailer, 'resting', None)
-        if resting is None or not resting() \
-                or not self.queue.count('deferred'):
-            return
+            if not resting() or not self.queue.count('deferred'):
+                return
+            # In a thread of its own: a relay that does not answer holds
+            # the probe for its timeout, and no sender thread should wait.
+            self._probing = threading.Thread(
+                target=self._probe, args=(probe,), daemon=True,
+                name=f'mailout {self.name} probe')
+            self._probing.start()
+
+    def _probe(self, probe):
         try:
-            self.mailer.probe(PROBE_TIMEOUT)
+            probe(PROBE_TIMEOUT)
         except Exception:
             log.exception('%r: probing the relays failed', self)
             return
@@ -300,6 +314,9 @@ class Processor:
         for scripts, cron and tests.  Messages deferred meanwhile wait for
         a later run, so it always ends."""
         self._recover()
+        probing = self._probing
+        if probing is not None:     # a relay that answers is used now
+            probing.join()
         names = collections.deque(self.queue.waiting())
         handled: collections.Counter[int] = collections.Counter()
 

@@ -15,7 +15,7 @@ class Mailer:
     ``abort``, and there is nothing to check before sending nor to undo;
     ``close`` ends the calling thread's connection, if any (here there is
     none); ``probe`` has nothing to check; there are no relays to rest
-    (``share_relay_state``, ``resting``).  A subclass gives ``name``,
+    (``share_relay_state``, ``resting``, ``probe_resting``).  A subclass gives ``name``,
     ``send`` and, where it has something to check, ``probe``."""
 
     name: Optional[str] = None
@@ -44,4 +44,9 @@ class Mailer:
 
     def resting(self) -> list[str]:
         """The relays (``host:port``) that rest: none without relays."""
+        return []
+
+    def probe_resting(self, timeout: Optional[float] = None
+                      ) -> list[dict[str, Any]]:
+        """`probe` the relays that rest: none without relays."""
         return []

@@ -137,10 +137,22 @@ class SMTPMailer(Mailer):
         return self._local.connection
 
     def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+        return self._probe(self.settings.relays, timeout)
+
+    def probe_resting(self, timeout: Optional[float] = None
+                      ) -> list[dict[str, Any]]:
+        """`probe` the relays that rest only (a processor does, every few
+        seconds, while messages wait for them): one that answers is back.
+        """
+        resting = set(self.rotation.resting())
+        return self._probe([r for r in self.settings.relays
+                            if address(r) in resting], timeout)
+
+    def _probe(self, relays, timeout):
         settings = self.settings if timeout is None else \
             dataclasses.replace(self.settings, timeout=timeout)
         results = []
-        for host, port in self.settings.relays:
+        for host, port in relays:
             result = dict(host=host, port=port, ok=False, server=None,
                           tls=None, auth=None, error=None)
             started = time.monotonic()

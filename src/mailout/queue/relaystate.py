@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from typing import Any
 from typing import Optional
 
@@ -103,10 +104,10 @@ class RelayStates:
         return ended
 
     def _write(self, states):
+        # A dot-file (no message, for any reader of the queue), its name
+        # unique across the hosts sharing the queue.
         aside = os.path.join(self.directory,
-                             f'.{FILENAME}.{os.getpid()}.'
-                             f'{threading.get_ident()}.tmp')
-        files.unlink(aside)         # left by a crash of this pid's thread
+                             f'.{FILENAME}.{uuid.uuid4().hex}.tmp')
         files.write_durably(aside, json.dumps(
             states, sort_keys=True, indent=1).encode('utf-8'))
         try:
