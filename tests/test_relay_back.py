@@ -176,3 +176,65 @@ def test_relay_back_after_a_30s_outage(tmp_path, start_sink, caplog):
           + ', '.join(f'{t:.2f}s' for t in times)
           + f'; median {statistics.median(times):.2f}s')
     assert max(times) <= 10
+
+
+def test_relay_state_file_follows_the_queue_rules(tmp_path, caplog):
+    """relays.json is never read or written through a link (a link there
+    is replaced, its target untouched), garbage in it counts as no record,
+    and it is replaced whole, mode 0600."""
+    queue = Queue.open(tmp_path / 'q')
+    states = queue.relay_states
+    target = tmp_path / 'elsewhere'
+    target.write_text('{"x:1": {"state": "up", "since": 1, "at": 1}}')
+    os.symlink(target, states.path)
+    assert states.load() == {}
+    states.put('h:25', {'state': 'resting', 'since': 1.0, 'until': 2.0,
+                        'why': 'refused'})
+    assert not os.path.islink(states.path)
+    assert target.read_text().startswith('{"x:1"')
+    assert stat.S_IMODE(os.lstat(states.path).st_mode) == 0o600
+    assert states.load()['h:25']['why'] == 'refused'
+    with open(states.path, 'w') as f:
+        f.write('[not an object')
+    assert states.load() == {}
+    assert 'cannot read it' in caplog.text
+    assert [n for n in os.listdir(queue.path) if 'relays' in n] \
+        == ['relays.json']
+
+
+def test_a_mailer_serving_two_queues_rests_in_both(tmp_path, start_sink):
+    """A mailer shared by two queued deliveries records a rest in each
+    queue; ``queue retry`` in one ends it there, and the newer record
+    wins for the mailer."""
+    from mailout.processor import Processor
+    port = down_relay(start_sink)
+    settings = config.loads(f'''<mailout>
+        <smtp-mailer relay>
+          host 127.0.0.1:{port}
+          tls none
+        </smtp-mailer>
+        <queued-delivery one>
+          mailer relay
+          queue-path {tmp_path}/one
+          processor off
+        </queued-delivery>
+        <queued-delivery two>
+          mailer relay
+          queue-path {tmp_path}/two
+          processor off
+        </queued-delivery>
+    </mailout>''')
+    mailers, deliveries = factories.build_all(settings)
+    mailer = mailers['relay']
+    one, two = (deliveries[n].queue for n in ('one', 'two'))
+    Processor(one, mailer), Processor(two, mailer)
+    enqueue(one, 'a')
+    Processor(one, mailer).run_once()
+    relay = f'127.0.0.1:{port}'
+    for queue in (one, two):
+        assert queue.relay_states.load()[relay]['state'] == 'resting'
+    assert mailer.resting() == [relay]
+    time.sleep(0.01)
+    assert two.relay_states.end_rests('mailout queue retry') == [relay]
+    assert one.relay_states.load()[relay]['state'] == 'resting'
+    assert mailer.resting() == []       # the newer record: up
