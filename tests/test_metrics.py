@@ -78,6 +78,10 @@ def test_metrics_print_the_state_of_each_queue(tmp_path, sink):
     assert found[('mailout_queue_messages', 'in_progress')] == 0
     assert 119 < found[('mailout_queue_oldest_age_seconds', 'waiting')] < 200
     assert 119 < found[('mailout_queue_oldest_age_seconds', 'deferred')] < 200
+    [relay] = [s for family in text_string_to_metric_families(result.stdout)
+               for s in family.samples if s.name == 'mailout_relay_up']
+    assert relay.labels['relay'] == f'127.0.0.1:{sink.port}'
+    assert relay.value == 1
 
 
 def test_metrics_textfile_is_written_whole(tmp_path, sink):

@@ -47,9 +47,16 @@ class QueueCollector:
             'mailout_queue_oldest_age_seconds', 'Time since the oldest '
             'waiting, or deferred, message was queued (0 if none).',
             labels=labels)
+        relays = GaugeMetricFamily(
+            'mailout_relay_up', 'Whether a relay is up (1) or resting after '
+            'a failure (0), as the processes of a queue recorded it.',
+            labels=['queue', 'relay'])
         for deliveries, path, status in self.statuses():
             status = status or {}
             names = ','.join(deliveries)
+            for relay in status.get('relays', ()):
+                relays.add_metric([path, relay['relay']],
+                                  relay['state'] == 'up')
             for state in ('waiting', 'in_progress', 'deferred', 'failed',
                           'held'):
                 messages.add_metric([path, names, state],
@@ -59,6 +66,7 @@ class QueueCollector:
                                   status.get(f'oldest_{state}_age') or 0)
         yield messages
         yield oldest
+        yield relays
 
 
 def queue_registry(statuses: Iterable[tuple[list[str], str, Any]]
