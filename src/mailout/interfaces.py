@@ -67,6 +67,13 @@ class IMailoutMailer(IMailer):
 
     ``vote`` and ``abort`` (zope.sendmail's) are no-ops for every mailer of
     mailout: there is nothing to check before sending nor to undo.
+
+    A mailer whose relays rest after a failure may also offer, and the
+    processor then uses (`mailout.mailers.Mailer` has no-op versions):
+    ``share_relay_state(store)`` (keep the rests in the store the
+    processes working one queue share), ``resting()`` (the ``host:port``
+    of the relays that rest) and ``probe_resting(timeout=None)`` (`probe`
+    those only, so that a relay that is back is noticed at once).
     """
 
     name = Attribute("The mailer's name: its section name in the "
