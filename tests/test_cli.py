@@ -436,8 +436,10 @@ def test_queue_status(tmp_path, settled):
     assert (queue['waiting'], queue['in_progress'], queue['deferred'],
             queue['failed']) == (1, 0, 1, 1)
     assert 0 <= queue['oldest_age'] < 60
-    assert queue['last_error'].split(' ', 1)[1] in (
-        '451 4.3.0 try later', '550 5.1.1 no such user')
+    error = queue['last_error']         # one attempt, as an object
+    assert (error['code'], error['text']) in (
+        (451, '4.3.0 try later'), (550, '5.1.1 no such user'))
+    assert error['time'].endswith('Z')
     assert queue['next_attempt'].endswith('Z')
 
     out = mailout('queue', 'status', '-C', settled).stdout.splitlines()
@@ -469,7 +471,8 @@ def test_queue_list(tmp_path, settled):
     [failed] = data['queues'][0]['messages']
     assert failed['to'] == ['bad@example.org']
     assert failed['from'] == 'zope@example.org'
-    assert failed['attempts'][0].endswith(' 550 5.1.1 no such user')
+    assert failed['attempts'][0]['code'] == 550
+    assert failed['attempts'][0]['text'] == '5.1.1 no such user'
     assert failed['failed_at'].endswith('Z')
     _, data = mailout_json('queue', 'list', '--deferred', '-C', settled)
     [deferred] = data['queues'][0]['messages']
@@ -490,7 +493,8 @@ def test_queue_show(tmp_path, settled):
     assert status == 0 and data['id'] == name
     [copy] = data['copies']
     assert copy['area'] == 'failed' and copy['to'] == ['bad@example.org']
-    assert copy['attempts'][0].endswith('550 5.1.1 no such user')
+    assert (copy['attempts'][0]['code'], copy['attempts'][0]['text']) == (
+        550, '5.1.1 no such user')
     headers = dict(copy['headers'])
     assert headers['Subject'] == 'Hello'
     assert headers['To'] == 'bad@example.org'

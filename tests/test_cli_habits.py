@@ -139,3 +139,27 @@ def test_process_once_shows_progress_on_a_long_drain(tmp_path, start_sink):
     assert result.stdout.startswith('default (')
     assert b'\rmailout process --once: ' in shown
     assert b' handled in ' in shown and b' sent, 0 deferred, 0 failed' in shown
+
+
+def test_one_json_shape_per_concept(tmp_path, sink):
+    """``config`` is the same object in every command's JSON (path and
+    source); attempts are objects with time, code and text."""
+    import json
+    conf = queue_config(tmp_path, sink.port)
+    shapes = []
+    for args in (['queue', 'status'], ['queue', 'list'], ['metrics'],
+                 ['process', '--once'], ['check'],
+                 ['send', '--from', 'a@example.org', '--to',
+                  'b@example.org']):
+        data = json.loads(mailout(*args, '-C', conf, '--json').stdout)
+        shapes.append((args[0], data['config']['path'],
+                       'source' in data['config']))
+    assert {(path, has) for _, path, has in shapes} == {(conf, True)}
+    from mailout.queue.fileformat import attempt_line
+    from mailout.queue.fileformat import parse_attempt
+    line = attempt_line((451, '4.7.1  greylisted\r\n try later'), 0)
+    assert parse_attempt(line) == {'time': '1970-01-01T00:00:00Z',
+                                   'code': 451,
+                                   'text': '4.7.1 greylisted try later'}
+    assert parse_attempt(attempt_line((None, 'timed out'), 0))['code'] \
+        is None

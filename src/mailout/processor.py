@@ -32,6 +32,7 @@ from mailout.mailers.relays import RelaysResting
 from mailout.queue import fileformat
 from mailout.message import message_id_of
 from mailout.message import printable
+from mailout.queue.fileformat import attempt_line
 from mailout.retry import RetryPolicy
 from mailout.retry import decide
 
@@ -524,10 +525,7 @@ def _stamp(seconds):
 
 
 def _attempt(reply):
-    code, text = reply
-    stamp = _stamp(time.time())
-    text = ' '.join(str(text).split())      # one line
-    return f'{stamp} {code} {text}' if code else f'{stamp} {text}'
+    return attempt_line(reply, time.time())
 
 
 # -- the processors of this process --------------------------------------------

@@ -190,6 +190,19 @@ def load_settings(args):
         raise CommandError(FAILED, config_error(path, e)) from None
 
 
+def config_data(args, source):
+    """What every command's JSON says of its configuration: the path given
+    (-C or $MAILOUT_CONFIG) and where the settings came from."""
+    return {'path': args.config, 'source': source}
+
+
+def attempt_text(attempt):
+    """An attempt (`mailout.queue.fileformat.parse_attempt`) on one line,
+    as the queue file has it."""
+    return ' '.join(str(part) for part in (
+        attempt['time'], attempt['code'], attempt['text']) if part)
+
+
 def config_error(path, error):
     message = str(error)
     return message if message.startswith(path) \

@@ -34,7 +34,8 @@ class Check(Command):
         from mailout import config
         from mailout.queue import area_problems
         path = require_config(args)
-        result = {'ok': True, 'config': {'path': path}, 'mailers': [],
+        result = {'ok': True, 'config': {'path': path, 'source': None},
+                  'mailers': [],
                   'queues': []}
         try:
             settings, source = config.load_any(path)

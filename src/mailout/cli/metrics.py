@@ -3,6 +3,7 @@ format, printed or written for node_exporter's textfile collector."""
 import time
 
 from mailout.cli.base import Result
+from mailout.cli.base import config_data
 from mailout.cli.queue import QueueCommand
 
 
@@ -32,7 +33,8 @@ class Metrics(QueueCommand):
             (s['deliveries'], s['path'], s) for s in statuses)
         if args.textfile:
             write_to_textfile(args.textfile, registry)
-        return Result({'ok': True, 'config': source, 'queues': statuses,
+        return Result({'ok': True, 'config': config_data(args, source),
+                       'queues': statuses,
                        'textfile': args.textfile,
                        'exposition': generate_latest(registry).decode()})
 

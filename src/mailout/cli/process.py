@@ -13,11 +13,13 @@ from mailout.cli.base import Command
 from mailout.cli.base import CommandError
 from mailout.cli.base import Result
 from mailout.cli.base import age
+from mailout.cli.base import config_data
 from mailout.cli.base import load_settings
 from mailout.cli.base import processors
 from mailout.cli.base import seconds_argument
 from mailout.cli.base import when
 from mailout.message import printable
+from mailout.queue.fileformat import parse_attempt
 
 
 class Tracker:
@@ -166,6 +168,7 @@ class Process(Command):
         if not found:
             raise CommandError(FAILED, f'{source} has no queued delivery: '
                                        'nothing to process')
+        source = config_data(args, source)
         if args.once:
             return self.once(source, found, progress=not args.json)
         return self.daemon(args, source, found)
@@ -180,6 +183,8 @@ class Process(Command):
                 handled = processor.run_once()
                 status = delivery.queue.status()
                 status['next_attempt'] = when(status['next_attempt'])
+                if status['last_error']:
+                    status['last_error'] = parse_attempt(status['last_error'])
                 queues.append({'delivery': name, 'path': delivery.queue.path,
                                'handled': handled, **tracker.counts(name),
                                'now': status})
@@ -265,7 +270,8 @@ class Process(Command):
                   f"{printable(record['reply'])}")
 
     def _started(self, data):
-        print(f"mailout process {data['pid']}: {data['config']}", flush=True)
+        print(f"mailout process {data['pid']}: {data['config']['source']}",
+              flush=True)
         for q in data['queues']:
             print(f"  processing {q['delivery']} ({q['path']}) with "
                   f"{q['connections']} connection(s)", flush=True)

@@ -17,6 +17,8 @@ from mailout.cli.base import CommandError
 from mailout.cli.base import Group
 from mailout.cli.base import Result
 from mailout.cli.base import age
+from mailout.cli.base import attempt_text
+from mailout.cli.base import config_data
 from mailout.cli.base import load_settings
 from mailout.cli.base import n
 from mailout.cli.base import queued
@@ -24,6 +26,7 @@ from mailout.cli.base import relative
 from mailout.cli.base import stamp
 from mailout.cli.base import when
 from mailout.message import printable
+from mailout.queue.fileformat import parse_attempt
 
 AREA_NAMES = {'new': 'waiting', 'cur': 'in progress',
               'deferred': 'deferred', 'failed': 'failed'}
@@ -62,6 +65,8 @@ class QueueCommand(Command):
                 'deliveries': names, 'path': path,
                 'exists': queue is not None, **status,
                 'next_attempt': when(status['next_attempt']),
+                'last_error': parse_attempt(status['last_error'])
+                if status['last_error'] else None,
                 'hold': [d.name for d in deliveries if d.hold],
                 'redirect_to': {d.name: d.redirect_to for d in deliveries
                                 if d.redirect_to},
@@ -168,7 +173,8 @@ def _entry(entry, now):
         'age': None if entry.queued_at is None
         else round(now - entry.queued_at, 3),
         'size': entry.size, 'from': entry.fromaddr,
-        'to': list(entry.toaddrs), 'attempts': list(entry.attempts),
+        'to': list(entry.toaddrs),
+        'attempts': [parse_attempt(a) for a in entry.attempts],
         'error': entry.error, 'message_id': entry.message_id,
         'subject': entry.subject,
     }
@@ -207,7 +213,8 @@ class Status(QueueCommand):
     def run(self, args):
         now = time.time()
         source, result = self.statuses(args, now)
-        data = {'ok': True, 'config': source, 'queues': result}
+        data = {'ok': True, 'config': config_data(args, source),
+                'queues': result}
         if (args.warn_age, args.crit_age, args.max_failed) == (None,) * 3:
             return Result(data, now=now)
         data['check'] = _check(result, args)
@@ -230,7 +237,8 @@ class Status(QueueCommand):
             oldest = q['oldest_age']
             print('  oldest       '
                   + (age(oldest) if oldest is not None else '-'))
-            print(f"  last error   {printable(q['last_error'] or '-')}")
+            print('  last error   ' + (printable(attempt_text(
+                q['last_error'])) if q['last_error'] else '-'))
             print(f"  held         {q['held']}"
                   + ('  (hold on: ' + ', '.join(q['hold']) + ')'
                      if q['hold'] else ''))
@@ -265,8 +273,8 @@ class List(QueueCommand):
                 if queue is not None else []
             result.append({'deliveries': names, 'path': path,
                            'messages': [_entry(e, now) for e in entries]})
-        return Result({'ok': True, 'config': source, 'queues': result,
-                       'area': args.area}, now=now)
+        return Result({'ok': True, 'config': config_data(args, source),
+                       'queues': result, 'area': args.area}, now=now)
 
     def text(self, result):
         what = (result.data['area'] or 'queued') + ' message'
@@ -293,7 +301,8 @@ def _line(data, now):
     if data['area'] == 'deferred':
         details.append(f"next attempt {relative(data['next_attempt'], now)}")
     if data['attempts']:
-        details.append(f"last: {printable(data['attempts'][-1])}")
+        details.append(
+            f"last: {printable(attempt_text(data['attempts'][-1]))}")
     return line + (f"\n      {'; '.join(details)}" if details else '')
 
 
@@ -354,7 +363,7 @@ class Show(QueueCommand):
                     print(f"  {'to' if not i else '':14}{printable(to)}")
             for i, attempt in enumerate(data['attempts']):
                 print(f"  {'attempts' if not i else '':14}"
-                      f"{printable(attempt)}")
+                      f"{printable(attempt_text(attempt))}")
             if data['headers']:
                 print('  headers')
                 for key, value in data['headers']:
@@ -496,7 +505,8 @@ class Purge(QueueCommand):
         todo = self._todo(args, queues)
         listed = [{'id': e.name, 'area': e.area, 'path': queue.path,
                    'from': e.fromaddr, 'to': list(e.toaddrs),
-                   'last': e.attempts[-1] if e.attempts else e.error}
+                   'last': parse_attempt(e.attempts[-1]) if e.attempts
+                   else None, 'error': e.error}
                   for queue, e in todo]
         if not todo or args.dry_run:
             return Result({'ok': True, 'dry_run': args.dry_run,
@@ -550,9 +560,10 @@ class Purge(QueueCommand):
             if not data['would_purge']:
                 print('nothing to purge')
             for item in data['would_purge']:
+                last = attempt_text(item['last']) if item['last'] \
+                    else item['error']
                 print(f'would delete {_where(item)}'
-                      + (f": {printable(item['last'])}"
-                         if item['last'] else ''))
+                      + (f': {printable(last)}' if last else ''))
             return
         for item in data['purged']:
             print(f'deleted {_where(item)}')

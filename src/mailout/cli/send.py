@@ -10,6 +10,7 @@ from mailout.cli.base import USAGE
 from mailout.cli.base import Command
 from mailout.cli.base import CommandError
 from mailout.cli.base import Result
+from mailout.cli.base import config_data
 from mailout.cli.base import load_settings
 from mailout.cli.base import processors
 from mailout.cli.base import seconds_argument
@@ -66,7 +67,8 @@ class Send(Command):
             _, deliveries = factories.build_all(settings, processors=False)
             delivery = deliveries[name]
         msg = _message(args, name, source)
-        result = {'delivery': name, 'queued': queued, 'config': source}
+        result = {'delivery': name, 'queued': queued,
+                  'config': config_data(args, source)}
         try:
             result['message_id'] = delivery.send(args.fromaddr, args.toaddrs,
                                                  msg)

@@ -121,6 +121,26 @@ def attempted_at(attempt):
         return None
 
 
+def attempt_line(reply, when):
+    """The ``X-Mailout-Attempt`` value of an attempt at ``when`` (seconds
+    since the epoch) that got ``reply``: ``TIME CODE TEXT``, or ``TIME
+    TEXT`` when no server answered; on one line."""
+    code, text = reply
+    stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))
+    text = ' '.join(str(text).split())
+    return f'{stamp} {code} {text}' if code else f'{stamp} {text}'
+
+
+def parse_attempt(line):
+    """``{'time', 'code', 'text'}`` of an attempt line (``code`` None when
+    no server answered)."""
+    stamp, _, rest = line.partition(' ')
+    code, _, text = rest.partition(' ')
+    if len(code) == 3 and code.isdigit():
+        return {'time': stamp, 'code': int(code), 'text': text}
+    return {'time': stamp, 'code': None, 'text': rest}
+
+
 def read_head(f, chunk=8192, limit=1024 * 1024):
     """The start of a queue file: its envelope block and the message's
     header block (as much as ``limit`` holds)."""
