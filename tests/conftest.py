@@ -29,7 +29,8 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     """Leave out the slow tests (the crash loop, the 20,000-message shared
-    queue) unless ``--slow`` is given or CI is set: CI runs everything."""
+    queue, the 30 s relay outage, the Plone site) unless ``--slow`` is
+    given or CI is set: CI runs everything."""
     if config.getoption('--slow') or os.environ.get('CI'):
         return
     slow = [item for item in items if 'slow' in item.keywords]

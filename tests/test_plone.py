@@ -34,7 +34,9 @@ from zopeserver import readme_snippets  # noqa: E402
 from zopeserver import wait_until  # noqa: E402
 from zopeserver import zope_env  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+# slow: a Plone site takes ~25 s; CI (CI=true) and --slow run it.
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
+              pytest.mark.slow]
 
 SET_UP = '''\
 import transaction
