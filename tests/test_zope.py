@@ -4,14 +4,10 @@ Each test makes zope.conf from the one `mkwsgiinstance` wrote, and loads it
 with Zope's own code (the steps of Zope2.Startup.run.make_wsgi_app).
 """
 import os
-import signal
 import subprocess
 import textwrap
-import threading
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 
 import App.config
 import pytest
@@ -20,7 +16,6 @@ from zope.component import getUtility
 from zope.configuration import xmlconfig
 
 import mailout.config
-from helpers import HERE
 from helpers import configure_zope
 from helpers import write_config
 from helpers import write_zope_conf
@@ -30,6 +25,7 @@ from mailout.delivery import QueuedDelivery
 from mailout.interfaces import IMailDelivery
 from mailout.interfaces import IMailer
 from mailout.mailers import SMTPMailer
+from zopeserver import Server
 
 #: Loading zope.conf changes process-wide state; put it back after each test.
 pytestmark = pytest.mark.usefixtures('zope_state')
@@ -221,106 +217,11 @@ def test_zope_startup_delivers_mail(instance, sink):
     assert b'Subject: from Zope' in sent['data']
 
 
-# mailout.processor at INFO on runwsgi's stderr (through the root logger's
-# console handler) whatever level the root logger has.
-LOGGING = '''
-[logger_mailout]
-level = INFO
-handlers =
-qualname = mailout.processor
-propagate = 1
-'''
-
-
-class RunWSGI:
-    """``runwsgi etc/zope.ini`` of an instance, on 127.0.0.1 and a port the
-    system picks; its stderr is read all the time (a full pipe would block
-    the server) into ``output``.  Use as a context manager: the server is
-    killed on the way out if it still runs."""
-
-    def __init__(self, instance, pythonpath=None, timeout=60):
-        ini = instance / 'etc' / 'zope.ini'
-        text = ini.read_text().replace('port = 8080', 'port = 0')
-        text = text.replace('keys = root, ', 'keys = root, mailout, ', 1)
-        ini.write_text(text + LOGGING)
-        env = dict(os.environ)
-        if pythonpath:
-            env['PYTHONPATH'] = os.pathsep.join(
-                filter(None, [str(pythonpath), env.get('PYTHONPATH')]))
-        self._lines = []
-        self._serving = threading.Event()
-        self.url = None
-        self.timeout = timeout
-        self.process = subprocess.Popen(
-            zope_script('Zope2.Startup.serve', ini), env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stderr:       # ends when the server dies
-            self._lines.append(line)
-            if self.url is None and 'Serving on http://' in line:
-                self.url = line.split('Serving on ')[1].strip()
-                self._serving.set()
-        self._serving.set()
-
-    @property
-    def output(self):
-        return ''.join(self._lines)
-
-    def __enter__(self):
-        try:
-            self._serving.wait(self.timeout)
-            if self.url is None:
-                pytest.fail('runwsgi did not start:\n' + self.output)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.kill()
-
-    def wait_for_log(self, text, timeout=10):
-        """Wait until ``text`` is in the output; whether it is."""
-        deadline = time.monotonic() + timeout
-        while text not in self.output and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return text in self.output
-
-    def get(self, path, **query):
-        """GET ``path`` with ``query``: (status, body), for errors too."""
-        url = self.url + path
-        if query:
-            url += '?' + urllib.parse.urlencode(query)
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as e:
-            with e:
-                return e.code, e.read().decode()
-
-    def interrupt(self, timeout=20):
-        """SIGINT, as Ctrl-C; the exit code, once all output is read."""
-        self.process.send_signal(signal.SIGINT)
-        returncode = self.process.wait(timeout)
-        self._reader.join(5)
-        return returncode
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(5)
-
-
 def test_runwsgi_serves_and_runs_the_processor(instance, sink):
     """runwsgi serves HTTP with the processor started; SIGINT stops it."""
     set_up_site(instance, sink)
-    with RunWSGI(instance) as server:
-        assert server.get('/')[0] == 200
+    with Server(instance, log_processor=True) as server:
+        assert server.request('/')[0] == 200
         assert server.interrupt() == 0, server.output
     assert "started <Processor 'default'" in server.output
     assert "stopped <Processor 'default'" in server.output
@@ -334,18 +235,18 @@ def test_views_send_mail_in_the_request_transaction(instance, sink):
                     'xmlns="http://namespaces.zope.org/zope" />')
     queue = instance / 'var' / 'mailqueue'
 
-    with RunWSGI(instance, pythonpath=HERE) as server:
+    with Server(instance, log_processor=True) as server:
         # Started by ProcessStarting, before any request commits mail.
         assert "started <Processor 'default'" in server.output, \
             server.output
 
-        assert server.get('/@@send-mail', to='ann@example.org') \
+        assert server.request('/@@send-mail', to='ann@example.org') \
             == (200, 'sent')
         [sent] = sink.wait_for(1)
         assert sent['rcpt_tos'] == ['ann@example.org']
         assert b'Sent by send-mail.' in sent['data']
 
-        status, _ = server.get('/@@send-mail-then-fail',
+        status, _ = server.request('/@@send-mail-then-fail',
                                to='bob@example.org')
         assert status == 500
         time.sleep(1)       # a committed message would have gone by now

@@ -4,6 +4,7 @@ snippets of README.rst's section "Plone and MailHost"."""
 import base64
 import os
 import re
+import signal
 import textwrap
 import subprocess
 import threading
@@ -22,14 +23,30 @@ def zope_env(**more):
         filter(None, [HERE, os.environ.get('PYTHONPATH')])), **more)
 
 
+# With ``log_processor``: mailout.processor at INFO on runwsgi's stderr
+# (through the root logger's console handler) whatever level the root
+# logger has.
+LOG_PROCESSOR = '''
+[logger_mailout]
+level = INFO
+handlers =
+qualname = mailout.processor
+propagate = 1
+'''
+
+
 class Server:
     """``runwsgi etc/zope.ini`` of ``instance`` with tests/ on the path;
     stderr is read all the time into ``output``.  A context manager: the
     server is killed on the way out."""
 
-    def __init__(self, instance, timeout=120):
+    def __init__(self, instance, timeout=120, log_processor=False):
         ini = instance / 'etc' / 'zope.ini'
-        ini.write_text(ini.read_text().replace('port = 8080', 'port = 0'))
+        text = ini.read_text().replace('port = 8080', 'port = 0')
+        if log_processor:
+            text = text.replace('keys = root, ', 'keys = root, mailout, ', 1) \
+                + LOG_PROCESSOR
+        ini.write_text(text)
         env = zope_env()
         self.url = None
         self._lines = []
@@ -81,6 +98,13 @@ class Server:
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, e.read().decode()
+
+    def interrupt(self, timeout=20):
+        """SIGINT, as Ctrl-C; the exit code, once all output is read."""
+        self.process.send_signal(signal.SIGINT)
+        returncode = self.process.wait(timeout)
+        self._reader.join(5)
+        return returncode
 
     def stop(self):
         if self.process.poll() is None:
