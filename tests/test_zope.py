@@ -7,7 +7,6 @@ import os
 import subprocess
 import textwrap
 import time
-import urllib.error
 
 import App.config
 import pytest
