@@ -196,6 +196,15 @@ def config_data(args, source):
     return {'path': args.config, 'source': source}
 
 
+def status_data(status):
+    """A `mailout.queue.Queue.status` as the commands' results give it:
+    times as `When`, the last error as an attempt object."""
+    from mailout.queue.fileformat import parse_attempt
+    return {**status, 'next_attempt': when(status['next_attempt']),
+            'last_error': parse_attempt(status['last_error'])
+            if status['last_error'] else None}
+
+
 def attempt_text(attempt):
     """An attempt (`mailout.queue.fileformat.parse_attempt`) on one line,
     as the queue file has it."""

@@ -10,6 +10,7 @@ from mailout.cli.base import queued
 from mailout.cli.base import require_config
 from mailout.cli.base import seconds_argument
 from mailout.cli.base import stamp
+from mailout.mailers.relays import address
 from mailout.message import printable
 
 
@@ -50,7 +51,8 @@ class Check(Command):
         for name, mailer_settings in settings.mailers.items():
             checked = _mailer(name, mailer_settings, args.timeout)
             for relay in checked['relays']:
-                relay.update(recorded.get(f"{relay['host']}:{relay['port']}",
+                relay.update(recorded.get(address((relay['host'],
+                                                   relay['port'])),
                                           {'state': 'up', 'rest': None}))
             result['mailers'].append(checked)
             if not all(relay['ok'] for relay in checked['relays']):

@@ -14,12 +14,11 @@ from mailout.cli.base import CommandError
 from mailout.cli.base import Result
 from mailout.cli.base import age
 from mailout.cli.base import config_data
+from mailout.cli.base import status_data
 from mailout.cli.base import load_settings
 from mailout.cli.base import processors
 from mailout.cli.base import seconds_argument
-from mailout.cli.base import when
 from mailout.message import printable
-from mailout.queue.fileformat import parse_attempt
 
 
 class Tracker:
@@ -181,13 +180,9 @@ class Process(Command):
                 _Progress(tracker, enabled=progress):
             for name, delivery, processor in found:
                 handled = processor.run_once()
-                status = delivery.queue.status()
-                status['next_attempt'] = when(status['next_attempt'])
-                if status['last_error']:
-                    status['last_error'] = parse_attempt(status['last_error'])
                 queues.append({'delivery': name, 'path': delivery.queue.path,
                                'handled': handled, **tracker.counts(name),
-                               'now': status})
+                               'now': status_data(delivery.queue.status())})
         totals = tracker.counts()
         ok = not totals['deferred'] and not totals['failed']
         return Result({'ok': ok, 'config': source, 'queues': queues,

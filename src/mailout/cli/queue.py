@@ -19,12 +19,14 @@ from mailout.cli.base import Result
 from mailout.cli.base import age
 from mailout.cli.base import attempt_text
 from mailout.cli.base import config_data
+from mailout.cli.base import status_data
 from mailout.cli.base import load_settings
 from mailout.cli.base import n
 from mailout.cli.base import queued
 from mailout.cli.base import relative
 from mailout.cli.base import stamp
 from mailout.cli.base import when
+from mailout.mailers.relays import address
 from mailout.message import printable
 from mailout.queue.fileformat import parse_attempt
 
@@ -63,10 +65,7 @@ class QueueCommand(Command):
             deliveries = [settings.deliveries[name] for name in names]
             result.append({
                 'deliveries': names, 'path': path,
-                'exists': queue is not None, **status,
-                'next_attempt': when(status['next_attempt']),
-                'last_error': parse_attempt(status['last_error'])
-                if status['last_error'] else None,
+                'exists': queue is not None, **status_data(status),
                 'hold': [d.name for d in deliveries if d.hold],
                 'redirect_to': {d.name: d.redirect_to for d in deliveries
                                 if d.redirect_to},
@@ -92,7 +91,7 @@ def relay_states(settings, names: list[str], path: str,
         mailer = settings.deliveries[name].mailer
         for host, port in getattr(settings.mailers.get(mailer), 'relays',
                                   ()):
-            mailers = relays.setdefault(f'{host}:{port}', [])
+            mailers = relays.setdefault(address((host, port)), [])
             if mailer not in mailers:
                 mailers.append(mailer)
     result = []
@@ -242,9 +241,9 @@ class Status(QueueCommand):
             print(f"  held         {q['held']}"
                   + ('  (hold on: ' + ', '.join(q['hold']) + ')'
                      if q['hold'] else ''))
-            for name, address in q['redirect_to'].items():
+            for name, target in q['redirect_to'].items():
                 print(f'  redirect     {name}: every message to '
-                      f'{printable(address)}')
+                      f'{printable(target)}')
             for relay in q['relays']:
                 print(f"  relay        {relay['relay']}  "
                       f"{relay_line(relay, result.now)}")

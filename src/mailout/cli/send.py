@@ -12,7 +12,6 @@ from mailout.cli.base import CommandError
 from mailout.cli.base import Result
 from mailout.cli.base import config_data
 from mailout.cli.base import load_settings
-from mailout.cli.base import processors
 from mailout.cli.base import seconds_argument
 from mailout.message import printable
 
@@ -59,13 +58,15 @@ class Send(Command):
                 key: _with_timeout(mailer, args.timeout)
                 for key, mailer in settings.mailers.items()})
         name = _delivery_name(args.delivery, settings.deliveries)
-        queued = isinstance(settings.deliveries[name], QueuedDeliverySettings)
+        chosen = settings.deliveries[name]
+        queued = isinstance(chosen, QueuedDeliverySettings)
+        # Only the chosen delivery: no other queue opened, no other mailer
+        # built (nor its password file checked).
+        mailer = factories.build_mailer(settings.mailers[chosen.mailer])
+        delivery = factories.build_delivery(chosen, mailer, processor=False)
         if queued:
-            [(_, delivery, processor)] = [p for p in processors(settings)
-                                          if p[0] == name]
-        else:
-            _, deliveries = factories.build_all(settings, processors=False)
-            delivery = deliveries[name]
+            processor = factories.build_processor(chosen, delivery.queue,
+                                                  mailer)
         msg = _message(args, name, source)
         result = {'delivery': name, 'queued': queued,
                   'config': config_data(args, source)}

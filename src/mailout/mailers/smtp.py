@@ -85,7 +85,7 @@ class SMTPMailer(Mailer):
         self.rotation.after_fork()
 
     def __repr__(self):
-        relays = ', '.join(f'{h}:{p}' for h, p in self.settings.relays)
+        relays = ', '.join(map(address, self.settings.relays))
         return f'<SMTPMailer {self.name!r} {relays} tls={self.settings.tls}>'
 
     def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,

@@ -287,17 +287,13 @@ class Queue(Recovery, Inspection):
     def defer(self, claimed, toaddrs, attempt, until):
         """Keep ``toaddrs`` of the message for a retry at ``until``."""
         self._rewrite(claimed, toaddrs, attempt)
-        # The time first: once in deferred/, a processor may promote it.
-        os.utime(self._area('cur', claimed), (until, until),
-                 follow_symlinks=False)
-        os.rename(self._area('cur', claimed),
-                  self._area('deferred', names.Claim.parse(claimed).name))
-        self.forget(claimed)
+        self.postpone(claimed, until)
 
     def postpone(self, claimed, until):
         """Put the message back in ``deferred/`` until ``until`` as it is,
-        with no attempt added: it was not tried (its relays rest)."""
+        with no attempt added (`defer` adds one first)."""
         path = self._area('cur', claimed)
+        # The time first: once in deferred/, a processor may promote it.
         os.utime(path, (until, until), follow_symlinks=False)
         os.rename(path,
                   self._area('deferred', names.Claim.parse(claimed).name))

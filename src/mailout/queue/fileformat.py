@@ -107,8 +107,7 @@ def answered(attempt):
     TEXT`` when no server replied) has a reply code: False for a failure to
     connect, a refused or timed-out connection, a failed TLS handshake --
     an attempt that never reached a server's verdict on the message."""
-    parts = attempt.split(' ', 2)
-    return len(parts) > 1 and len(parts[1]) == 3 and parts[1].isdigit()
+    return parse_attempt(attempt)['code'] is not None
 
 
 def attempted_at(attempt):

@@ -43,20 +43,22 @@ class Inspection:
     def count(self, area):
         return len(self._listdir(area))
 
-    def entries(self, area):
+    def entries(self, area, headers=True):
         """An `Entry` for each message in ``area``, oldest first.  Reads only
-        the envelope block; an unreadable file is an entry with ``error``."""
+        the envelope and header blocks; an unreadable file is an entry with
+        ``error``.  ``headers=False``: no Message-Id or Subject (for
+        counts, which need neither)."""
         result = []
         for filename in self._listdir(area):
             if area == 'failed' and names.is_reason(filename):
                 continue
-            entry = self._entry(area, filename)
+            entry = self._entry(area, filename, headers=headers)
             if entry is not None:
                 result.append(entry)
         result.sort(key=lambda e: (e.queued_at or e.mtime, e.name))
         return result
 
-    def _entry(self, area, filename, whole=False):
+    def _entry(self, area, filename, whole=False, headers=True):
         path = self._area(area, filename)
         try:
             mode = os.lstat(path)
@@ -79,8 +81,9 @@ class Inspection:
             entry.fromaddr, entry.toaddrs = message.fromaddr, message.toaddrs
             entry.attempts = message.attempts
             entry.message = message.message if whole else None
-            entry.message_id = message_id_of(message.message)
-            entry.subject = subject_of(message.message)
+            if headers:
+                entry.message_id = message_id_of(message.message)
+                entry.subject = subject_of(message.message)
         if area == 'failed':
             try:
                 entry.error = files.read_regular(
@@ -125,7 +128,8 @@ class Inspection:
         one, the next retry, and the newest attempt line of the deferred
         and failed messages."""
         now = time.time() if now is None else now
-        deferred, failed = self.entries('deferred'), self.entries('failed')
+        deferred = self.entries('deferred', headers=False)
+        failed = self.entries('failed', headers=False)
 
         def queued_times(area):
             return [names.queued_at(names.message_name(area, filename))
@@ -134,19 +138,18 @@ class Inspection:
 
         def oldest(times):
             return max(now - min(times), 0) if times else None
-        waiting = queued_times('new')
+        waiting, in_progress = queued_times('new'), queued_times('cur')
         # A deferred file's mtime is its next attempt, not its age.
         deferred_since = [e.queued_at for e in deferred if e.queued_at]
         attempts = [(a, e.mtime) for e in deferred + failed
                     for a in e.attempts[-1:]]
         return {
             'waiting': len(waiting),
-            'in_progress': self.count('cur'),
+            'in_progress': len(in_progress),
             'deferred': len(deferred),
             'failed': len(failed),
             'held': self.count('held'),
-            'oldest_age': oldest(waiting + queued_times('cur')
-                                 + deferred_since),
+            'oldest_age': oldest(waiting + in_progress + deferred_since),
             'oldest_waiting_age': oldest(waiting),
             'oldest_deferred_age': oldest(deferred_since),
             'next_attempt': min((e.mtime for e in deferred), default=None),
