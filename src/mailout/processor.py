@@ -33,6 +33,7 @@ from mailout.queue import fileformat
 from mailout.message import message_id_of
 from mailout.message import printable
 from mailout.queue.fileformat import attempt_line
+from mailout.queue.fileformat import stamp
 from mailout.retry import RetryPolicy
 from mailout.retry import decide
 
@@ -388,13 +389,13 @@ class Processor:
         except ValueError as e:         # QueueError, UnicodeDecodeError
             self._quarantine(claimed, e)
             return
+        message_id = message_id_of(message.message)
         if not message.toaddrs:         # settled, but could not be removed
             log.info('%r: %s was delivered to every recipient already: '
-                     'removing it', self, _message_ids(
-                         message_id_of(message.message), message.name))
+                     'removing it', self,
+                     _message_ids(message_id, message.name))
             self.queue.done(claimed)
             return
-        message_id = message_id_of(message.message)
         tried = True
         try:
             refused = self.mailer.send(message.fromaddr, message.toaddrs,
@@ -426,10 +427,10 @@ class Processor:
         # failing subscriber past this point can make the message go twice.
         decision = decide(message.toaddrs, refused, len(message.attempts),
                           message.queued_at, time.time(), self.retry, tried)
-        decision = self._record(claimed, message, decision)
+        decision = self._record(claimed, message, message_id, decision)
         self._announce(message, message_id, decision)
 
-    def _record(self, claimed, message, decision):
+    def _record(self, claimed, message, message_id, decision):
         """Apply ``decision`` to the queue; return what is on disk."""
         failed, deferred = decision.failed, decision.deferred
         recorded = ()                   # recipients whose outcome is on disk
@@ -452,9 +453,8 @@ class Processor:
             # for a later attempt, never again to those who have it.
             log.error('%r: cannot record the outcome of %s (%s): released '
                       'for another attempt after %s', self,
-                      _message_ids(message_id_of(message.message),
-                                   message.name),
-                      printable(str(e)), _stamp(decision.until))
+                      _message_ids(message_id, message.name),
+                      printable(str(e)), stamp(decision.until))
             self.queue.release(claimed, decision.sent + recorded,
                                decision.until)
             return dataclasses.replace(
@@ -483,7 +483,7 @@ class Processor:
             reply = decision.deferred_reply
             log.warning('%r: %s deferred for %s until %s%s: %s', self,
                         shown, _listed(decision.deferred),
-                        _stamp(decision.until),
+                        stamp(decision.until),
                         '' if decision.tried else
                         ' or a relay is back, not tried (no attempt counted)',
                         _reply_text(reply))
@@ -518,10 +518,6 @@ def _reply_text(reply):
 
 def _listed(addresses):
     return printable(', '.join(addresses))
-
-
-def _stamp(seconds):
-    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds))
 
 
 def _attempt(reply):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Optional
 
 from mailout.message import printable
@@ -263,7 +262,8 @@ def n(count, word, plural=None):
 def stamp(seconds):
     if seconds is None:
         return None
-    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(seconds))
+    from mailout.queue.fileformat import stamp as utc_stamp
+    return utc_stamp(seconds)
 
 
 def age(seconds):

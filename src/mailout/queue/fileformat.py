@@ -110,12 +110,20 @@ def answered(attempt):
     return parse_attempt(attempt)['code'] is not None
 
 
+#: How queue files and the log write a time: UTC, to the second.
+STAMP = '%Y-%m-%dT%H:%M:%SZ'
+
+
+def stamp(seconds):
+    """``seconds`` since the epoch as `STAMP` says."""
+    return time.strftime(STAMP, time.gmtime(seconds))
+
+
 def attempted_at(attempt):
     """When the attempt line ``attempt`` was written (seconds since the
     epoch), or None if it does not start with a UTC time stamp."""
     try:
-        return calendar.timegm(time.strptime(attempt[:20],
-                                             '%Y-%m-%dT%H:%M:%SZ'))
+        return calendar.timegm(time.strptime(attempt[:20], STAMP))
     except ValueError:
         return None
 
@@ -125,9 +133,9 @@ def attempt_line(reply, when):
     since the epoch) that got ``reply``: ``TIME CODE TEXT``, or ``TIME
     TEXT`` when no server answered; on one line."""
     code, text = reply
-    stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))
+    when = stamp(when)
     text = ' '.join(str(text).split())
-    return f'{stamp} {code} {text}' if code else f'{stamp} {text}'
+    return f'{when} {code} {text}' if code else f'{when} {text}'
 
 
 def parse_attempt(line):
