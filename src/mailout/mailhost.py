@@ -154,7 +154,7 @@ def _send(self: Any, mfrom: Union[str, email.header.Header], mto: Any,
         raise MailHostError(str(e)) from e
 
 
-def _processor(mailhost: Any) -> Any:
+def _processor() -> Any:
     return getattr(_delivery(), 'processor', None)
 
 
@@ -164,22 +164,23 @@ def queueLength(self: Any) -> int:
     queue = getattr(_delivery(), 'queue', None)
     if queue is None:
         return 0
-    status = queue.status()
-    return status['waiting'] + status['in_progress'] + status['deferred']
+    # Counts only: the ZMI shows this on every page of the object.
+    return sum(queue.count(area) for area in ('new', 'cur', 'deferred'))
 
 
 def queueThreadAlive(self: Any) -> bool:
     """Whether mailout's processor runs in this process (replaces
     MailBase.queueThreadAlive)."""
-    processor = _processor(self)
+    processor = _processor()
     return processor is not None and processor.running
 
 
 def queueNonDeliveryMode(self: Any) -> bool:
     """Whether this process only queues (mailout's ``processor off``;
     replaces MailBase.queueNonDeliveryMode)."""
-    return getattr(_delivery(), 'queue', None) is not None \
-        and _processor(self) is None
+    delivery = _delivery()
+    return getattr(delivery, 'queue', None) is not None \
+        and getattr(delivery, 'processor', None) is None
 
 
 def manage_restartQueueThread(self: Any, action: str = 'start',
@@ -189,7 +190,7 @@ def manage_restartQueueThread(self: Any, action: str = 'start',
     at the next commit that queues mail, as mailout's processors do."""
     if action not in ('start', 'stop'):
         raise ValueError('Unsupported action %s' % action)
-    processor = _processor(self)
+    processor = _processor()
     if processor is not None:
         if action == 'stop':
             processor.stop()

@@ -69,7 +69,7 @@ def mailhost(_context, delivery, immediate=None):
     # after the utilities it checks for are registered.
     _context.action(discriminator=('mailout.mailhost',),
                     callable=_mailhost.install,
-                    args=(delivery, immediate or delivery), order=1)
+                    args=(delivery, immediate), order=1)
 
 
 def deliveries(_context, config=None):
