@@ -17,6 +17,12 @@ received in full but never answered (dropped or stalled "after-dot", the
 RFC 1047 window) is written as ``NNNNNN.unanswered`` instead of ``.json``.
 Like a real server, the sink closes the connection after any 421 reply.
 --port PORT listens on that port (a sink started again after an outage).
+--pipelining offers PIPELINING (RFC 2920; aiosmtpd reads pipelined commands
+as they come) and records per message whether the client pipelined: its
+RCPT came with its MAIL (``pipelined``), the next message's MAIL came with
+its final dot (``followed``).  --data-without-recipients answers DATA with
+354 when no recipient was accepted, as some servers do, and records what
+came up to the dot as ``NNNNNN.empty`` (``size``: a lone dot is 0).
 
 This is the SMTP (and LMTP) server for tests: `helpers.Sink` runs it and
 reads what it recorded, conftest's ``sink`` and ``start_sink`` fixtures
@@ -61,6 +67,8 @@ class Recorder:
 
     async def handle_MAIL(self, server, session, envelope, address,
                           mail_options):
+        if self.args.auth_required and not session.authenticated:
+            return '530 5.7.0 Authentication required'
         if self.args.mail_reply and self.fault():
             return self.args.mail_reply
         envelope.mail_from = address
@@ -74,6 +82,13 @@ class Recorder:
             return self.args.rcpt_reply
         envelope.rcpt_tos.append(address)
         return '250 OK'
+
+    async def handle_EHLO(self, server, session, envelope, hostname,
+                          responses):
+        session.host_name = hostname
+        if self.args.pipelining:
+            responses.insert(-1, '250-PIPELINING')
+        return responses
 
     async def handle_DATA(self, server, session, envelope):
         record = {
@@ -89,6 +104,8 @@ class Recorder:
             # The client's port; on a unix socket, the connection's id.
             'peer': session.peer[1] if isinstance(session.peer, tuple)
             else id(server),
+            'pipelined': server.pipelined,
+            'followed': server.buffered().upper().startswith(b'MAIL'),
         }
         misbehaviour = server.fault_at('after-dot')
         if misbehaviour:
@@ -159,6 +176,11 @@ class SinkSMTP(SMTP):
         super().__init__(handler, **options)
         self.idle_reply = idle_reply
         self.args = handler.args
+        self.pipelined = False      # the current MAIL came with its RCPT
+
+    def buffered(self):
+        """What the client sent that is not read yet."""
+        return bytes(self._reader._buffer)
 
     def _timeout_cb(self):
         if self.idle_reply and self.transport is not None:
@@ -199,6 +221,7 @@ class SinkSMTP(SMTP):
         await super()._handle_client()
 
     async def smtp_MAIL(self, arg):
+        self.pipelined = self.buffered().upper().startswith(b'RCPT')
         misbehaviour = self.fault_at('mail')
         if misbehaviour:
             await self.misbehave(misbehaviour)
@@ -220,6 +243,17 @@ class SinkSMTP(SMTP):
         misbehaviour = self.fault_at('data-start')
         if misbehaviour:
             await self.misbehave(misbehaviour)
+        if self.args.data_without_recipients and self.envelope.mail_from \
+                and not self.envelope.rcpt_tos:
+            await self.push('354 End data with <CR><LF>.<CR><LF>')
+            size = 0
+            while (line := await self._reader.readuntil(b'\r\n')) \
+                    != b'.\r\n':
+                size += len(line)
+            self.event_handler.save({'size': size}, 'empty')
+            self._set_rset_state()
+            await self.push('554 5.5.1 Error: no valid recipients')
+            return
         if self.args.data_command_reply and self.envelope.rcpt_tos \
                 and self.event_handler.fault():
             await self.push(self.args.data_command_reply)
@@ -275,7 +309,15 @@ def main(argv=None):
                              'REPLY')
     parser.add_argument('--smtputf8', action='store_true',
                         help='offer SMTPUTF8 (RFC 6531)')
+    parser.add_argument('--pipelining', action='store_true',
+                        help='offer PIPELINING (RFC 2920)')
+    parser.add_argument('--data-without-recipients', action='store_true',
+                        help='answer DATA with 354 when no recipient was '
+                             'accepted')
     parser.add_argument('--auth', metavar='USER:PASSWORD')
+    parser.add_argument('--auth-required', action='store_true',
+                        help='with --auth: answer MAIL FROM before AUTH '
+                             'with 530')
     parser.add_argument('--refuse', action='append', default=[],
                         metavar='ADDRESS=REPLY',
                         help='answer RCPT TO:<ADDRESS> with REPLY')

@@ -7,6 +7,10 @@ or in ``failed/`` with the reply; and that nothing was lost: every
 (message, recipient) is in exactly one of the sink, ``deferred/`` and
 ``failed/``, while ``new/``, ``cur/`` and ``tmp/`` are empty.
 
+Every row runs twice: against a sink that offers PIPELINING (RFC 2920),
+whose every recorded message must then have come pipelined, and against one
+that does not; the outcomes are the same.
+
 Most rows queue two messages and let the fault strike once (``--faults 1``):
 the first message takes the fault, the second must go through on the same
 or a new connection, and the first must go out (once) when retried.
@@ -35,6 +39,21 @@ CARL = 'carl@example.org'
 USER = 'zope'
 PASSWORD = 'S3cret-Pa55w0rd'
 WRONG_PASSWORD = 'Wr0ng-Pa55w0rd'
+
+
+@pytest.fixture(params=['one command at a time', 'pipelining'])
+def start_sink(request, start_sink):
+    """conftest's, offering PIPELINING or not."""
+    pipelining = request.param == 'pipelining'
+    sinks = []
+
+    def start(*options):
+        sinks.append(start_sink(*options, *['--pipelining'][:pipelining]))
+        return sinks[-1]
+    yield start
+    for sink in sinks:
+        for record in sink.messages():
+            assert record['pipelined'] == pipelining
 
 
 def processor_for(tmp_path, port, *mailer_keys):

@@ -109,6 +109,7 @@ class SMTPMailerSettings:
     allow_plain_auth: bool
     down_time: float
     messages_per_connection: int
+    pipelining: bool
     smtputf8: bool
 
     @classmethod
@@ -157,6 +158,7 @@ class LMTPMailerSettings:
     timeout: float
     local_hostname: Optional[str]
     messages_per_connection: int
+    pipelining: bool
     smtputf8: bool
     down_time: float = 0    # one server: never rest
 

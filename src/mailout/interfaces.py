@@ -34,6 +34,7 @@ zope.sendmail works unchanged; `IMailoutMailer` adds to `IMailer` what
 mailout's deliveries need of a mailer.
 """
 import email.message
+from collections.abc import Sequence
 from typing import Optional
 from typing import Union
 
@@ -52,6 +53,9 @@ Reply = tuple[Optional[int], str]
 Refused = dict[str, Reply]
 #: What ``send()`` takes as a message.
 MessageInput = Union[str, bytes, email.message.Message]
+#: What a mailer's ``send_each`` takes for each message: ``(fromaddr,
+#: toaddrs, message)`` as ``send`` takes them.
+Envelope = tuple[str, Sequence[str], bytes]
 
 
 class IMailoutMailer(IMailer):
@@ -119,6 +123,19 @@ class IMailoutMailer(IMailer):
         connection is lost after the message was sent and before the reply
         to it (RFC 1047); then ``send`` raises `TransientDeliveryError` and
         the caller tries again.
+        """
+
+    def send_each(envelopes, all_or_none=False):
+        """Send each ``(fromaddr, toaddrs, message)`` of the iterable
+        ``envelopes`` as ``send`` would; yield ``(envelope, outcome)`` for
+        each, in order, as soon as its outcome is known: the refused
+        recipients, or the `DeliveryError` that ``send`` would raise.
+
+        An envelope is asked for only when the mailer can send it: a mailer
+        that pipelines (RFC 2920) asks for the next one while the previous
+        one's final reply is outstanding.  Every envelope taken is yielded
+        exactly once, unless the caller stops iterating.  Optional:
+        `mailout.mailers.Mailer` gives one that calls ``send`` for each.
         """
 
     def close():
@@ -251,3 +268,8 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Do not try again: a 5xx reply."""
+
+
+#: What became of one message given to ``send_each``: the refused
+#: recipients as ``send`` returns them, or the error it would raise.
+Outcome = Union[Refused, DeliveryError]

@@ -12,6 +12,7 @@ import atexit
 import collections
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
+from mailout import mailers
 from mailout.mailers.relays import RelaysResting
 from mailout.queue import fileformat
 from mailout.message import message_id_of
@@ -299,16 +301,16 @@ class Processor:
         """Deliver until ``new/`` is empty or ``stopping`` is set; return
         how many were handled."""
         stopping = stopping or threading.Event()
-        handled = 0
-        while not stopping.is_set():
-            self._maintain()
-            name = self._next_name()
-            if name is None:
-                break
-            if self.rate is not None and self.rate.wait(stopping):
-                break
-            handled += self._handle(name)
-        return handled
+
+        def names():
+            while not stopping.is_set():
+                self._maintain()
+                name = self._next_name()
+                if name is None or self.rate is not None \
+                        and self.rate.wait(stopping):
+                    return
+                yield name
+        return self._deliver_names(names())
 
     def run_once(self) -> int:
         """Recover, promote due messages and deliver what is waiting now
@@ -319,23 +321,25 @@ class Processor:
         probing = self._probing
         if probing is not None:     # a relay that answers is used now
             probing.join()
-        names = collections.deque(self.queue.waiting())
+        waiting = collections.deque(self.queue.waiting())
         handled: collections.Counter[int] = collections.Counter()
+
+        def names():
+            while not (self.rate is not None
+                       and self.rate.wait(threading.Event())):
+                try:
+                    yield waiting.popleft()
+                except IndexError:
+                    return
 
         def work():
             try:
-                while names and not (self.rate is not None
-                                     and self.rate.wait(threading.Event())):
-                    try:
-                        name = names.popleft()
-                    except IndexError:
-                        break
-                    handled[threading.get_ident()] += self._handle(name)
+                handled[threading.get_ident()] += self._deliver_names(names())
             finally:
                 self.mailer.close()
         workers = [threading.Thread(target=work, name=f'mailout {self.name} '
                                     f'once {i}') for i in
-                   range(max(min(self.connections, len(names)), 1))]
+                   range(max(min(self.connections, len(waiting)), 1))]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -356,27 +360,72 @@ class Processor:
         backoff = self.retry.next_attempt(len(message.attempts), 0)
         return at is not None and at + backoff <= time.time()
 
-    def _handle(self, name):
-        """Deliver (or, with ``hold``, hold) the waiting message ``name``;
-        whether it was this thread's to handle."""
-        if self.hold:
-            held = self.queue.hold(name)
-            if held:
-                log.info('%r: held %s (hold on)', self, printable(name))
-            return held
-        claimed = self.queue.claim(name)
-        if claimed is None:
-            return False
-        self.deliver(claimed)
-        return True
+    def _deliver_names(self, names):
+        """Deliver the waiting messages ``names`` gives (or, with ``hold``,
+        hold them); how many were this thread's to handle."""
+        handled = 0
+
+        def claimed():
+            nonlocal handled
+            for name in names:
+                if self.hold:
+                    held = self.queue.hold(name)
+                    if held:
+                        log.info('%r: held %s (hold on)', self,
+                                 printable(name))
+                    handled += held
+                    continue
+                claimed = self.queue.claim(name)
+                if claimed is not None:
+                    handled += 1
+                    yield claimed
+        self._deliver(claimed())
+        return handled
 
     def deliver(self, claimed: str) -> None:
         """Send one claimed message and move it where its outcome says."""
+        self._deliver([claimed])
+
+    def _deliver(self, claimed):
+        """Send the ``claimed`` messages, each read when the mailer is
+        ready to send it, and settle each as soon as its own outcome is
+        known."""
+        taken = {}      # id(envelope): (claimed, message, Message-Id)
+
+        def envelopes(claimed):
+            for name in claimed:
+                message = self._read(name)
+                if message is not None:
+                    envelope = (message.fromaddr, message.toaddrs,
+                                message.message)
+                    taken[id(envelope)] = (name, message,
+                                           message_id_of(message.message))
+                    yield envelope
+        send_each = getattr(self.mailer, 'send_each', None) \
+            or functools.partial(mailers.send_each, self.mailer)
+        # A rate limit waits before each message: none may wait meanwhile
+        # with its final reply outstanding.
+        batches = ([name] for name in claimed) if self.rate else [claimed]
+        for batch in batches:
+            try:
+                for envelope, outcome in send_each(envelopes(batch)):
+                    self._settle(*taken.pop(id(envelope)), outcome)
+            except Exception as e:
+                log.exception('%r: the mailer failed', self)
+                # As far as we know, these went to no one.
+                for name, message, message_id in taken.values():
+                    self._settle(name, message, message_id,
+                                 (None, f'{type(e).__name__}: {e}'))
+                taken.clear()
+
+    def _read(self, claimed):
+        """The claimed message, ready to send; None when it is not (taken
+        from us, unreadable: moved to failed/, or settled already)."""
         try:
             message = self.queue.read(claimed)
         except FileNotFoundError:       # taken from us meanwhile
             self.queue.forget(claimed)
-            return
+            return None
         except OSError as e:
             if e.errno in _UNREADABLE:
                 self._quarantine(claimed, e)
@@ -385,31 +434,18 @@ class Processor:
                           self, printable(claimed), printable(str(e)))
                 self.queue.release(claimed, (), time.time()
                                    + self.retry.min_backoff)
-            return
+            return None
         except ValueError as e:         # QueueError, UnicodeDecodeError
             self._quarantine(claimed, e)
-            return
-        message_id = message_id_of(message.message)
+            return None
         if not message.toaddrs:         # settled, but could not be removed
             log.info('%r: %s was delivered to every recipient already: '
                      'removing it', self,
-                     _message_ids(message_id, message.name))
+                     _message_ids(message_id_of(message.message),
+                                  message.name))
             self.queue.done(claimed)
-            return
-        tried = True
-        try:
-            refused = self.mailer.send(message.fromaddr, message.toaddrs,
-                                       message.message) or {}
-        except RelaysResting as e:      # not sent anywhere: no attempt
-            refused = dict.fromkeys(message.toaddrs, e.reply)
-            tried = False
-        except DeliveryError as e:      # for every recipient alike
-            refused = dict.fromkeys(message.toaddrs, e.reply)
-        except Exception as e:
-            log.exception('%r: mailer failed on %s', self, claimed)
-            refused = dict.fromkeys(message.toaddrs,
-                                    (None, f'{type(e).__name__}: {e}'))
-        self._settle(claimed, message, message_id, refused, tried)
+            return None
+        return message
 
     def _quarantine(self, claimed, error):
         log.error('%r: unreadable queue file %s: %s', self,
@@ -422,9 +458,16 @@ class Processor:
             self.queue.release(claimed, (), time.time()
                                + self.retry.min_backoff)
 
-    def _settle(self, claimed, message, message_id, refused, tried=True):
-        # The queue first, then logs and events: neither a crash nor a
-        # failing subscriber past this point can make the message go twice.
+    def _settle(self, claimed, message, message_id, outcome):
+        """Record ``outcome`` (the refused recipients, a `DeliveryError`
+        or an error's reply) in the queue, then log and notify it: neither
+        a crash nor a failing subscriber past that point can make the
+        message go twice."""
+        tried = not isinstance(outcome, RelaysResting)  # no attempt
+        if isinstance(outcome, DeliveryError):  # for every recipient alike
+            outcome = outcome.reply
+        refused = outcome if isinstance(outcome, dict) \
+            else dict.fromkeys(message.toaddrs, outcome)
         decision = decide(message.toaddrs, refused, len(message.attempts),
                           message.queued_at, time.time(), self.retry, tried)
         decision = self._record(claimed, message, message_id, decision)

@@ -2,9 +2,12 @@
 
 ``send(fromaddr, toaddrs, message)`` returns the recipients the server
 refused, ``{address: (code, text)}``, and raises `TransientDeliveryError` or
-`PermanentDeliveryError` when the message as a whole was not taken.  Each
-thread keeps its own connection open across messages; ``close()`` ends the
-calling thread's connection; ``probe()`` tries each relay without sending.
+`PermanentDeliveryError` when the message as a whole was not taken;
+``send_each(envelopes)`` does that for a stream of messages, yielding each
+outcome as it is known (the SMTP and LMTP mailers pipeline them, RFC 2920).
+Each thread keeps its own connection open across messages; ``close()`` ends
+the calling thread's connection; ``probe()`` tries each relay without
+sending.
 
 Every reply must arrive in full within the mailer's ``timeout`` of its
 command having been sent (the greeting: of the connection being made) and
@@ -22,6 +25,7 @@ The SMTP mailer is cut into parts other transports reuse:
 - `lmtp`, `sendmail`: the other mailers; `base`: what every mailer shares.
 """
 from mailout.mailers.base import Mailer  #: base class of mailers
+from mailout.mailers.base import send_each  #: send() for each message
 from mailout.mailers.connection import MAX_CHALLENGES  #: AUTH round trips
 from mailout.mailers.connection import MAX_REPLY_SIZE  #: bytes of a reply
 from mailout.mailers.connection import RelayStalled  #: a stalled relay
@@ -33,4 +37,4 @@ from mailout.mailers.smtp import SMTPMailer  #: SMTP relays
 
 __all__ = ['LMTPMailer', 'MAX_CHALLENGES', 'MAX_REPLY_SIZE', 'Mailer',
            'RelayRotation', 'RelayStalled', 'RelaysResting', 'SMTPMailer',
-           'SendmailMailer']
+           'SendmailMailer', 'send_each']

@@ -1,11 +1,16 @@
 """What every mailer shares."""
+from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 from typing import Optional
 
 from zope.interface import implementer
 
+from mailout.interfaces import DeliveryError
+from mailout.interfaces import Envelope
 from mailout.interfaces import IMailoutMailer
+from mailout.interfaces import Outcome
 from mailout.interfaces import Refused
 
 
@@ -24,6 +29,11 @@ class Mailer:
     def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,
              all_or_none: bool = False) -> Refused:
         raise NotImplementedError
+
+    def send_each(self, envelopes: Iterable[Envelope],
+                  all_or_none: bool = False
+                  ) -> Iterator[tuple[Envelope, Outcome]]:
+        return send_each(self, envelopes, all_or_none)
 
     def vote(self, fromaddr, toaddrs, message):
         pass
@@ -50,3 +60,17 @@ class Mailer:
                       ) -> list[dict[str, Any]]:
         """`probe` the relays that rest: none without relays."""
         return []
+
+
+def send_each(mailer, envelopes, all_or_none=False):
+    """`IMailoutMailer.send_each` for any mailer: its ``send`` for each
+    envelope in turn (zope.sendmail's mailers take no ``all_or_none`` and
+    return None)."""
+    for envelope in envelopes:
+        outcome: Outcome
+        args = (*envelope, True) if all_or_none else envelope
+        try:
+            outcome = mailer.send(*args) or {}
+        except DeliveryError as e:
+            outcome = e
+        yield envelope, outcome

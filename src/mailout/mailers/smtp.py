@@ -7,10 +7,15 @@ import smtplib
 import socket
 import threading
 import time
+from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 from typing import Optional
 
+from mailout.interfaces import DeliveryError
+from mailout.interfaces import Envelope
+from mailout.interfaces import Outcome
 from mailout.interfaces import Refused
 from mailout.interfaces import TransientDeliveryError
 from mailout.mailers import session
@@ -20,7 +25,7 @@ from mailout.mailers.relays import address
 from mailout.mailers.relays import RelayRotation
 from mailout.mailers.transaction import final_reply
 from mailout.mailers.transaction import Reconnect
-from mailout.mailers.transaction import transact
+from mailout.mailers.transaction import Transaction
 
 
 class ThreadConnection(threading.local):
@@ -90,42 +95,119 @@ class SMTPMailer(Mailer):
 
     def send(self, fromaddr: str, toaddrs: Sequence[str], message: bytes,
              all_or_none: bool = False) -> Refused:
-        args = fromaddr, toaddrs, message, all_or_none
-        local = self._local
-        connection = local.reusable(self.settings.messages_per_connection)
-        if connection is not None:
-            try:
-                return self._transact(*args)
-            except Reconnect:
-                # The server closed the idle connection before MAIL FROM
-                # was accepted: nothing was sent, so try on a new one.
-                self.close()
-        local.keep(*self.rotation.connect(self._connect_to))
-        try:
-            return self._transact(*args)
-        except Reconnect as e:
-            self.close()
-            if isinstance(e.__cause__, TransientDeliveryError):
-                raise e.__cause__ from None
-            raise TransientDeliveryError((None, describe(e.__cause__))) \
-                from None
+        [(_, outcome)] = self.send_each([(fromaddr, toaddrs, message)],
+                                        all_or_none)
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
 
-    def _transact(self, *args):
-        local = self._local
-        local.sent += 1
+    def send_each(self, envelopes: Iterable[Envelope],
+                  all_or_none: bool = False
+                  ) -> Iterator[tuple[Envelope, Outcome]]:
+        """`IMailoutMailer.send_each` over this thread's session.
+
+        Where the relay offers PIPELINING (and ``pipelining`` is on), a
+        message's content goes out together with the next message's MAIL,
+        RCPT and DATA, so ``envelopes`` is asked for the next one before
+        this one's outcome is known.  If the session is lost then, only the
+        message whose final dot was sent may have gone (RFC 1047); the
+        next one is sent again on a new session.
+        """
+        envelopes = iter(envelopes)
         try:
-            return transact(local.connection, *args,
-                            final_replies=self.final_replies)
-        except (smtplib.SMTPException, OSError) as e:
-            # Connection lost or timed out mid-transaction.  If that was
-            # after the final dot, the relay may have the message: RFC 1047's
-            # window, and the one case where a retry can send it twice.
+            envelope, sent = next(envelopes, None), False
+            while envelope is not None:
+                outcome, following, sent = self._deliver(
+                    envelope, sent, all_or_none, envelopes)
+                yield envelope, outcome
+                envelope = following if following is not None \
+                    else next(envelopes, None)
+        except BaseException:
+            # Broken off (an error taking the next envelope, the caller
+            # stopped): the session may be mid-message or owe replies.
             self.close()
-            reason = describe(e)
-            if isinstance(e, socket.timeout):   # a stalled relay
-                self.rotation.mark_down(local.relay, reason)
-            raise TransientDeliveryError(
-                (None, f'{address(local.relay)}: {reason}')) from None
+            raise
+
+    def _deliver(self, envelope, sent, all_or_none, envelopes):
+        """``(outcome, following, sent)``: the outcome of sending
+        ``envelope`` (its commands ``sent`` already, with the previous
+        message), and the next envelope if it was taken from ``envelopes``
+        meanwhile, with whether its commands went out."""
+        local = self._local
+        reused = sent or local.reusable(
+            self.settings.messages_per_connection) is not None
+        for fresh in (False, True) if reused else (True,):
+            if fresh:
+                try:
+                    local.keep(*self.rotation.connect(self._connect_to))
+                except TransientDeliveryError as e:
+                    return e, None, False
+            try:
+                return self._transact(envelope, sent and not fresh,
+                                      all_or_none, envelopes)
+            except Reconnect as e:
+                # The server closed the session before MAIL FROM was
+                # accepted: nothing was sent, so a kept one is replaced.
+                self.close()
+                cause = e.__cause__
+        if not isinstance(cause, TransientDeliveryError):
+            cause = TransientDeliveryError((None, describe(cause)))
+        return cause, None, False
+
+    def _transact(self, envelope, sent, all_or_none, envelopes):
+        local = self._local
+        connection = local.connection
+        local.sent += 1
+        pipelining = self.settings.pipelining \
+            and connection.has_extn('pipelining')
+        following = group = None
+        try:
+            transaction = Transaction(connection, *envelope, all_or_none,
+                                      pipelining, self.final_replies)
+            if not transaction.begin(sent):
+                return transaction.refused, None, False
+        except DeliveryError as e:
+            return e, None, False
+        except (smtplib.SMTPException, OSError) as e:
+            return self._lost(e), None, False
+        if pipelining and not all_or_none \
+                and local.sent < self.settings.messages_per_connection:
+            following = next(envelopes, None)
+            group = self._group(connection, following)
+        try:
+            connection.send(transaction.content() + (group or b''))
+            outcome = transaction.end()
+        except DeliveryError as e:
+            outcome = e
+        except (smtplib.SMTPException, OSError) as e:
+            # If the final dot went out, the relay may have the message:
+            # RFC 1047's window, and the one case where a retry can send it
+            # twice.  The following message was not sent: it goes again.
+            return self._lost(e), following, False
+        return outcome, following, \
+            bool(group) and connection.sock is not None
+
+    def _lost(self, error):
+        """The session was lost or timed out mid-transaction: end it; the
+        error for the message (a stalled relay rests)."""
+        relay = self._local.relay
+        self.close()
+        reason = describe(error)
+        if isinstance(error, socket.timeout):
+            self.rotation.mark_down(relay, reason)
+        return TransientDeliveryError((None, f'{address(relay)}: {reason}'))
+
+    def _group(self, connection, envelope):
+        """The pipelined commands of ``envelope`` (None: there is none, or
+        its addresses need what the relay lacks; it is then sent, and
+        refused, on its own)."""
+        if envelope is None:
+            return None
+        try:
+            return Transaction(connection, *envelope, pipelining=True,
+                               final_replies=self.final_replies).group()
+        except DeliveryError:
+            return None
 
     def close(self) -> None:
         self._local.end()

@@ -1,13 +1,21 @@
 """The SMTP (and LMTP) mail transaction over an open session: MAIL, RCPT,
-DATA, and what the replies mean for each recipient.
+DATA, the message, and what the replies mean for each recipient.
+
+Where the server offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA
+go out in one write and their replies are read in order, matched by
+position; the message's content may then be followed at once by the next
+message's commands (`Transaction.group`), so that a stream of messages
+costs one round trip each.  Otherwise each command waits for its reply.
 
 Which replies are permanent is `mailout.replies`' to say.  A session the
 server ended, or that is out of step after a failure, is ended here (its
 socket is then None): the caller opens a new one for the next message.
 """
+import re
 import smtplib
 
 from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import Refused
 from mailout.mailers.connection import text
 from mailout.mailers.session import end
 from mailout.replies import delivery_error
@@ -20,75 +28,168 @@ class Reconnect(Exception):
 
 
 def final_reply(connection, toaddrs, refused, code, reply):
-    """The refused recipients, given SMTP's one reply to the final dot."""
+    """The refused recipients, given SMTP's one reply to the final dot.
+
+    The transaction is over whatever the reply (RFC 5321 section 4.1.1.4):
+    no RSET, which would put its reply behind the next message's pipelined
+    commands."""
+    if code == 421:
+        end(connection)         # the server is closing the session
     if code != 250:
-        rset(connection)
         return abandoned(toaddrs, refused, code, reply)
     return refused
 
 
-def transact(connection, fromaddr, toaddrs, message, all_or_none=False,
-             final_replies=final_reply):
-    """Send one message over ``connection``; return the refused recipients
-    as `IMailoutMailer.send` does.
+class Transaction:
+    """One message's mail transaction over ``connection``.
+
+    `begin` sends MAIL, RCPT and DATA and reads their replies; when the
+    server waits for the message, `content` is what to send (the caller
+    may append the next transaction's `group` to it) and `end` reads the
+    replies to the final dot.
 
     ``final_replies(connection, toaddrs, refused, code, text)`` reads what
     the server says after the final dot (SMTP: one reply, LMTP: one per
     accepted recipient) and returns the refused recipients.
 
-    Raises `Reconnect` when the session was closed before MAIL FROM was
-    accepted, a `DeliveryError` for a refusal of the whole message, and
-    smtplib's errors and `OSError` when the session is lost mid-way (then
-    the caller ends it: if that was after the final dot, the relay may have
-    the message, RFC 1047's window).
+    With ``all_or_none`` nothing is sent when any recipient is refused, so
+    DATA waits for the RCPT replies even when pipelining.  Creating one
+    raises `PermanentDeliveryError` when the addresses need SMTPUTF8 and
+    the server does not offer it.
     """
+
+    def __init__(self, connection, fromaddr, toaddrs, message,
+                 all_or_none=False, pipelining=False,
+                 final_replies=final_reply):
+        self.connection = connection
+        self.toaddrs = toaddrs
+        self.message = message
+        self.all_or_none = all_or_none
+        self.final_replies = final_replies
+        self.refused: Refused = {}
+        self._commands = commands(connection, fromaddr, toaddrs, message)
+        #: How many commands go out in one write (the rest one at a time).
+        self._grouped = len(self._commands) - all_or_none if pipelining \
+            else 0
+
+    def group(self) -> bytes:
+        """The commands that go out in one write (empty without
+        pipelining)."""
+        return b''.join(self._commands[:self._grouped])
+
+    def begin(self, sent: bool = False) -> bool:
+        """Send MAIL, RCPT and DATA (the `group` unless ``sent``: it went
+        out with the previous message) and read their replies.  True when
+        the server waits for the message; otherwise the transaction is over
+        and `refused` names the refused recipients with their replies.
+
+        Raises `Reconnect` when the session was closed before MAIL FROM was
+        accepted, a `DeliveryError` for a refusal of the whole message, and
+        smtplib's errors and `OSError` when the session is lost mid-way.
+        """
+        connection, toaddrs = self.connection, self.toaddrs
+        try:
+            if self._grouped and not sent:
+                connection.send(self.group())
+            code, reply = self._reply(0)
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
+            raise Reconnect() from e
+        if code == 421:
+            # The server is closing the connection (Postfix says so when it
+            # drops an idle one): nothing was sent.
+            raise Reconnect() from delivery_error(code, reply)
+        if code != 250:
+            self._drain(1)
+            rset(connection)
+            raise delivery_error(code, reply)
+        refused = {}
+        for i, address in enumerate(toaddrs, 1):
+            code, reply = self._reply(i)
+            if code == 421:
+                # Closing the connection: the transaction is over, for the
+                # recipients accepted so far too.
+                end(connection)
+                self.refused = abandoned(toaddrs, refused, code, reply)
+                return False
+            if code not in (250, 251):
+                refused[address] = (code, text(reply))
+        self.refused = refused
+        if len(refused) == len(toaddrs) or refused and self.all_or_none:
+            self._drain(len(self._commands) - 1)
+            rset(connection)
+            return False
+        code, reply = self._reply(len(self._commands) - 1)     # DATA
+        if code != 354:
+            rset(connection)
+            self.refused = abandoned(toaddrs, refused, code, reply)
+            return False
+        return True
+
+    def content(self) -> bytes:
+        """The message as DATA sends it: dot-stuffed, ending in CRLF.CRLF.
+        """
+        data = re.sub(rb'(?m)^\.', b'..', self.message)
+        if not data.endswith(b'\r\n'):
+            data += b'\r\n'
+        return data + b'.\r\n'
+
+    def end(self) -> Refused:
+        """Read the replies to the final dot (sent by the caller); return
+        the refused recipients."""
+        code, reply = self.connection.getreply()
+        return self.final_replies(self.connection, self.toaddrs,
+                                  self.refused, code, reply)
+
+    def _reply(self, i):
+        """The reply to command ``i``, sending it first unless it went out
+        in the group."""
+        if i >= self._grouped:
+            self.connection.send(self._commands[i])
+        return self.connection.getreply()
+
+    def _drain(self, i):
+        """Read the replies still due to the group from command ``i`` on,
+        the transaction having failed already: a DATA the server accepted
+        gets a lone dot, which sends nothing (RFC 2920 section 3.1).  A
+        session lost meanwhile is ended; the failure stands."""
+        try:
+            for i in range(i, self._grouped):
+                code, _ = self.connection.getreply()
+                if code == 421:
+                    end(self.connection)
+                    return
+                if code == 354:
+                    self.connection.send(b'.\r\n')
+                    self.connection.getreply()
+        except (smtplib.SMTPException, OSError):
+            end(self.connection)
+
+
+def commands(connection, fromaddr, toaddrs, message):
+    """MAIL, one RCPT per recipient and DATA, each a line of bytes."""
     # RFC 6152: say that an 8-bit body is one, where the relay can take it.
-    options = ['BODY=8BITMIME'] if not message.isascii() \
-        and connection.has_extn('8bitmime') else []
+    options = ' BODY=8BITMIME' if not message.isascii() \
+        and connection.has_extn('8bitmime') else ''
+    encoding = 'ascii'
     if not all(a.isascii() for a in (fromaddr, *toaddrs)):
         if not connection.has_extn('smtputf8'):
             # What Postfix says in this case; retrying cannot help.
             raise PermanentDeliveryError(
                 (555, '5.6.7 the relay does not offer SMTPUTF8, which '
                       'the non-ASCII addresses need'))
-        options.append('SMTPUTF8')
-    refused = {}
-    try:
-        code, reply = connection.mail(fromaddr, options)
-    except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
-        raise Reconnect() from e
-    if code == 421:
-        # The server is closing the connection (Postfix says so when it
-        # drops an idle one): nothing was sent.
-        raise Reconnect() from delivery_error(code, reply)
-    if code != 250:
-        rset(connection)
-        raise delivery_error(code, reply)
-    for address in toaddrs:
-        code, reply = connection.rcpt(address)
-        if code == 421:
-            # Closing the connection: the transaction is over, for the
-            # recipients accepted so far too.
-            end(connection)
-            return abandoned(toaddrs, refused, code, reply)
-        if code not in (250, 251):
-            refused[address] = (code, text(reply))
-    if len(refused) == len(toaddrs) or refused and all_or_none:
-        rset(connection)
-        return refused
-    try:
-        code, reply = connection.data(message)
-    except smtplib.SMTPDataError as e:
-        # smtplib raises this for a non-354 answer to DATA.
-        rset(connection)
-        return abandoned(toaddrs, refused, e.smtp_code, e.smtp_error)
-    return final_replies(connection, toaddrs, refused, code, reply)
+        options += ' SMTPUTF8'
+        encoding = 'utf-8'
+    lines = [f'MAIL FROM:{smtplib.quoteaddr(fromaddr)}{options}',
+             *(f'RCPT TO:{smtplib.quoteaddr(a)}' for a in toaddrs), 'DATA']
+    return [f'{line}\r\n'.encode(encoding) for line in lines]
 
 
 def rset(connection):
     """Reset the transaction after a refusal.  The server may have closed
     the connection (it must after a 421): its reply counts, not the failed
     RSET, and the session ends."""
+    if connection.sock is None:
+        return
     try:
         connection.rset()
     except (smtplib.SMTPException, OSError):
