@@ -93,6 +93,41 @@ def test_several_messages_over_one_connection(through_postfix, relay_sink,
         == 1
 
 
+def test_pipelined_stream_with_refusals(through_postfix, relay_sink,
+                                        postfix):
+    """Postfix offers PIPELINING: a stream of messages, some with a
+    refused recipient, one with nothing but a refused one (Postfix answers
+    its pipelined DATA with 554), goes over one connection; each outcome as
+    without pipelining, and Postfix logs no improper pipelining."""
+    delivery = through_postfix()
+    since = postfix.log_offset()
+    recipients = [['ann@example.org'], [pf.REJECTED],
+                  ['ann@example.org', pf.REJECTED, 'bob@example.org'],
+                  ['bob@example.org'], ['ann@example.org']]
+    for i, to in enumerate(recipients):
+        delivery.send(SENDER, to, dated(f'stream {i}',
+                                        f'pf-stream-{i}@example.org'))
+    transaction.commit()
+    received = relay_sink.wait_for(4)
+    assert sorted((split_received(m['data'])[1].split(b'Subject: ')[1]
+                   .split(b'\r\n')[0].decode(), sorted(m['rcpt_tos']))
+                  for m in received) == [
+        ('stream 0', ['ann@example.org']),
+        ('stream 2', ['ann@example.org', 'bob@example.org']),
+        ('stream 3', ['bob@example.org']),
+        ('stream 4', ['ann@example.org'])]
+    failed = wait_for_area(delivery, 'failed', count=2)
+    assert all(f'X-Mailout-To: {pf.REJECTED}'.encode() in f
+               and b' 550 5.1.1 ' in f for f in failed)
+    delivery.processor.stop()           # QUIT: Postfix logs the totals
+    match = postfix.wait_for_log(
+        r'disconnect from \S+\[127\.0\.0\.1\] (.*)$', since)
+    assert 'mail=5 ' in match.group(1)
+    log = postfix.log_since(since)
+    assert len(re.findall(r'\bconnect from ', log)) == 1
+    assert 'improper command pipelining' not in log
+
+
 def test_starttls_upgrades_and_verifies(through_postfix, relay_sink,
                                         postfix, certs):
     """With "tls starttls" and the CA file, mailout upgrades to TLS 1.3 and
