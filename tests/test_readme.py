@@ -5,7 +5,8 @@ a kind no test runs fails `test_every_snippet_is_run`.
 
 Snippets run elsewhere: "Plone and MailHost" (test_mailhost.py,
 test_plone.py), "Writing a mailer" (test_writing_a_mailer.py), the two
-commands of "Try it" (.ci/run).
+commands of "Try it" (.ci/run), the ``$ mailout`` commands of "Operate"
+and their outputs (test_readme_session.py).
 """
 import os
 import re
