@@ -19,6 +19,7 @@ from helpers import files_in
 from helpers import mailer_and_queue
 from helpers import smtp_mailer
 from mailout.interfaces import PermanentDeliveryError
+from mailout.interfaces import Withdrawn
 from mailout.processor import Processor
 from mailout.queue.fileformat import parse
 
@@ -224,3 +225,22 @@ def test_lmtp_pipelined_replies_per_recipient(tmp_path, start_sink):
             message = parse(name, f.read())
         assert message.toaddrs == (BOB,)
         assert '452 4.2.2 mailbox full' in message.attempts[-1]
+
+
+def test_withdrawn_before_its_content_goes_out(tmp_path, start_sink):
+    """``still_wanted`` says no once the server waits for a message's
+    content (a claim taken over meanwhile): the connection is dropped,
+    nothing of that message arrives, and the next goes on a new one."""
+    sink = start_sink('--pipelining')
+    mailer, _ = mailer_and_queue(tmp_path, smtp_mailer(sink.port))
+    envelopes = [('app@example.org', [ANN], f'Subject: {i}\r\n\r\nx\r\n'
+                  .encode()) for i in (1, 2, 3)]
+    outcomes = [outcome for _, outcome in mailer.send_each(
+        envelopes, still_wanted=lambda envelope: envelope is not
+        envelopes[1])]
+    mailer.close()
+    assert outcomes[0] == {} and outcomes[2] == {}
+    assert isinstance(outcomes[1], Withdrawn)
+    records = sink.messages()
+    assert subjects(records) == ['1', '3']
+    assert records[0]['peer'] != records[1]['peer']

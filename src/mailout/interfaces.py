@@ -125,11 +125,15 @@ class IMailoutMailer(IMailer):
         the caller tries again.
         """
 
-    def send_each(envelopes, all_or_none=False):
+    def send_each(envelopes, all_or_none=False, still_wanted=None):
         """Send each ``(fromaddr, toaddrs, message)`` of the iterable
         ``envelopes`` as ``send`` would; yield ``(envelope, outcome)`` for
         each, in order, as soon as its outcome is known: the refused
         recipients, or the `DeliveryError` that ``send`` would raise.
+
+        ``still_wanted(envelope)``, if given, is asked right before a
+        message's content goes out: False withdraws it (its outcome is
+        `Withdrawn`, and nothing of it was sent).
 
         An envelope is asked for only when the mailer can send it: a mailer
         that pipelines (RFC 2920) asks for the next one while the previous
@@ -268,6 +272,14 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Do not try again: a 5xx reply."""
+
+
+class Withdrawn(TransientDeliveryError):
+    """``send_each``'s ``still_wanted`` said no before the message's
+    content went out: nothing was sent."""
+
+    def __init__(self):
+        super().__init__((None, 'withdrawn before it was sent'))
 
 
 #: What became of one message given to ``send_each``: the refused

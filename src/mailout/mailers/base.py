@@ -1,4 +1,5 @@
 """What every mailer shares."""
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from mailout.interfaces import Envelope
 from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import Outcome
 from mailout.interfaces import Refused
+from mailout.interfaces import Withdrawn
 
 
 @implementer(IMailoutMailer)
@@ -31,9 +33,10 @@ class Mailer:
         raise NotImplementedError
 
     def send_each(self, envelopes: Iterable[Envelope],
-                  all_or_none: bool = False
+                  all_or_none: bool = False,
+                  still_wanted: Optional[Callable[[Envelope], bool]] = None
                   ) -> Iterator[tuple[Envelope, Outcome]]:
-        return send_each(self, envelopes, all_or_none)
+        return send_each(self, envelopes, all_or_none, still_wanted)
 
     def vote(self, fromaddr, toaddrs, message):
         pass
@@ -62,12 +65,15 @@ class Mailer:
         return []
 
 
-def send_each(mailer, envelopes, all_or_none=False):
+def send_each(mailer, envelopes, all_or_none=False, still_wanted=None):
     """`IMailoutMailer.send_each` for any mailer: its ``send`` for each
     envelope in turn (zope.sendmail's mailers take no ``all_or_none`` and
     return None)."""
     for envelope in envelopes:
         outcome: Outcome
+        if still_wanted is not None and not still_wanted(envelope):
+            yield envelope, Withdrawn()
+            continue
         args = (*envelope, True) if all_or_none else envelope
         try:
             outcome = mailer.send(*args) or {}

@@ -7,6 +7,7 @@ import smtplib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from mailout.interfaces import Envelope
 from mailout.interfaces import Outcome
 from mailout.interfaces import Refused
 from mailout.interfaces import TransientDeliveryError
+from mailout.interfaces import Withdrawn
 from mailout.mailers import session
 from mailout.mailers.base import Mailer
 from mailout.mailers.connection import describe
@@ -53,6 +55,13 @@ class ThreadConnection(threading.local):
         connection, self.connection = self.connection, None
         if connection is not None:
             session.end(connection)
+
+    def drop(self):
+        """Close the connection without a word (QUIT could be taken for
+        a message's content)."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
 
 
 class SMTPMailer(Mailer):
@@ -102,7 +111,8 @@ class SMTPMailer(Mailer):
         return outcome
 
     def send_each(self, envelopes: Iterable[Envelope],
-                  all_or_none: bool = False
+                  all_or_none: bool = False,
+                  still_wanted: Optional[Callable[[Envelope], bool]] = None
                   ) -> Iterator[tuple[Envelope, Outcome]]:
         """`IMailoutMailer.send_each` over this thread's session.
 
@@ -118,17 +128,18 @@ class SMTPMailer(Mailer):
             envelope, sent = next(envelopes, None), False
             while envelope is not None:
                 outcome, following, sent = self._deliver(
-                    envelope, sent, all_or_none, envelopes)
+                    envelope, sent, all_or_none, envelopes, still_wanted)
                 yield envelope, outcome
                 envelope = following if following is not None \
                     else next(envelopes, None)
         except BaseException:
             # Broken off (an error taking the next envelope, the caller
             # stopped): the session may be mid-message or owe replies.
-            self.close()
+            self._local.drop()
             raise
 
-    def _deliver(self, envelope, sent, all_or_none, envelopes):
+    def _deliver(self, envelope, sent, all_or_none, envelopes,
+                 still_wanted):
         """``(outcome, following, sent)``: the outcome of sending
         ``envelope`` (its commands ``sent`` already, with the previous
         message), and the next envelope if it was taken from ``envelopes``
@@ -144,7 +155,7 @@ class SMTPMailer(Mailer):
                     return e, None, False
             try:
                 return self._transact(envelope, sent and not fresh,
-                                      all_or_none, envelopes)
+                                      all_or_none, envelopes, still_wanted)
             except Reconnect as e:
                 # The server closed the session before MAIL FROM was
                 # accepted: nothing was sent, so a kept one is replaced.
@@ -154,7 +165,8 @@ class SMTPMailer(Mailer):
             cause = TransientDeliveryError((None, describe(cause)))
         return cause, None, False
 
-    def _transact(self, envelope, sent, all_or_none, envelopes):
+    def _transact(self, envelope, sent, all_or_none, envelopes,
+                  still_wanted):
         local = self._local
         connection = local.connection
         local.sent += 1
@@ -170,6 +182,11 @@ class SMTPMailer(Mailer):
             return e, None, False
         except (smtplib.SMTPException, OSError) as e:
             return self._lost(e), None, False
+        if still_wanted is not None and not still_wanted(envelope):
+            # The server waits for the content: only a dropped connection
+            # ends the transaction without sending anything.
+            local.drop()
+            return Withdrawn(), None, False
         if pipelining and not all_or_none \
                 and local.sent < self.settings.messages_per_connection:
             following = next(envelopes, None)

@@ -102,7 +102,7 @@ class Transaction:
             self._drain(1)
             rset(connection)
             raise delivery_error(code, reply)
-        refused = {}
+        refused: Refused = {}
         for i, address in enumerate(toaddrs, 1):
             code, reply = self._reply(i)
             if code == 421:
