@@ -163,6 +163,7 @@ def test_the_daemon_serves_its_counts(tmp_path, start_sink):
             time.sleep(0.1)
         assert counts == {('sent', '2xx'): 1, ('deferred', '4xx'): 1}
         assert samples(text)[('mailout_queue_messages', 'deferred')] == 1
+        assert samples(text)[('mailout_relay_up', None)] == 1
     finally:
         daemon.terminate()
         daemon.communicate(timeout=30)

@@ -170,7 +170,7 @@ class Process(Command):
         source = config_data(args, source)
         if args.once:
             return self.once(source, found, progress=not args.json)
-        return self.daemon(args, source, found)
+        return self.daemon(args, source, found, settings)
 
     # -- --once
 
@@ -191,7 +191,7 @@ class Process(Command):
 
     # -- the daemon: a stream of events, each shown as it happens
 
-    def daemon(self, args, source, found):
+    def daemon(self, args, source, found, settings):
         lock = threading.Lock()
 
         def emit(data):
@@ -211,7 +211,7 @@ class Process(Command):
         signal.signal(signal.SIGINT, on_signal)
 
         if args.metrics_port is not None:
-            _serve_metrics(args.metrics_port, found)
+            _serve_metrics(args.metrics_port, found, settings)
         started = time.time()
         # Each message's event is JSON only: the text of the daemon is its
         # log (on stderr).
@@ -279,16 +279,20 @@ class Process(Command):
         print(f"stopped after {age(data['uptime'])}", flush=True)
 
 
-def _serve_metrics(port, found):
-    """Serve the queues' state (computed at each scrape) and the counts of
-    this daemon's messages on 127.0.0.1:``port``."""
+def _serve_metrics(port, found, settings):
+    """Serve the queues' state and relays (computed at each scrape) and the
+    counts of this daemon's messages on 127.0.0.1:``port``."""
     import prometheus_client
 
     from mailout import metrics
+    from mailout.cli.queue import relay_states
 
     def statuses():
         for name, delivery, _ in found:
-            yield [name], delivery.queue.path, delivery.queue.status()
+            path = delivery.queue.path
+            yield [name], path, {
+                **delivery.queue.status(),
+                'relays': relay_states(settings, [name], path, time.time())}
     metrics.count_events()
     prometheus_client.REGISTRY.register(metrics.QueueCollector(statuses))
     prometheus_client.start_http_server(port, addr='127.0.0.1')
