@@ -244,3 +244,19 @@ def test_withdrawn_before_its_content_goes_out(tmp_path, start_sink):
     records = sink.messages()
     assert subjects(records) == ['1', '3']
     assert records[0]['peer'] != records[1]['peer']
+
+
+def test_many_recipients_pipelined_in_groups(tmp_path, start_sink):
+    """RCPT commands go out at most `MAX_GROUP` at a time (both sides'
+    buffers never fill), and each reply still meets its recipient: the
+    refused one in the third group fails alone."""
+    many = [f'user{i:03d}@example.org' for i in range(250)]
+    sink = start_sink('--pipelining', '--refuse', f'{many[217]}={UNKNOWN}')
+    mailer, _ = mailer_and_queue(tmp_path, smtp_mailer(sink.port))
+    refused = mailer.send('app@example.org', many,
+                          b'Subject: many\r\n\r\nbody\r\n')
+    mailer.close()
+    assert refused == {many[217]: (550, '5.1.1 no such user')}
+    [record] = sink.messages()
+    assert record['rcpt_tos'] == many[:217] + many[218:]
+    assert record['pipelined']

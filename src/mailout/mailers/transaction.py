@@ -40,6 +40,12 @@ def final_reply(connection, toaddrs, refused, code, reply):
     return refused
 
 
+#: The most commands written before their replies are read: a message for
+#: thousands of recipients must not fill both sides' socket buffers, each
+#: waiting for the other to read (RFC 2920 section 3.5).
+MAX_GROUP = 100
+
+
 class Transaction:
     """One message's mail transaction over ``connection``.
 
@@ -68,14 +74,15 @@ class Transaction:
         self.final_replies = final_replies
         self.refused: Refused = {}
         self._commands = commands(connection, fromaddr, toaddrs, message)
-        #: How many commands go out in one write (the rest one at a time).
-        self._grouped = len(self._commands) - all_or_none if pipelining \
+        #: How many commands may be pipelined (all_or_none: not DATA).
+        self._pipelined = len(self._commands) - all_or_none if pipelining \
             else 0
+        self._written = 0           # how many commands went out
 
     def group(self) -> bytes:
-        """The commands that go out in one write (empty without
+        """The commands that go out in the first write (empty without
         pipelining)."""
-        return b''.join(self._commands[:self._grouped])
+        return b''.join(self._commands[:min(self._pipelined, MAX_GROUP)])
 
     def begin(self, sent: bool = False) -> bool:
         """Send MAIL, RCPT and DATA (the `group` unless ``sent``: it went
@@ -89,8 +96,8 @@ class Transaction:
         """
         connection, toaddrs = self.connection, self.toaddrs
         try:
-            if self._grouped and not sent:
-                connection.send(self.group())
+            if sent:
+                self._written = min(self._pipelined, MAX_GROUP)
             code, reply = self._reply(0)
         except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
             raise Reconnect() from e
@@ -141,19 +148,22 @@ class Transaction:
                                   self.refused, code, reply)
 
     def _reply(self, i):
-        """The reply to command ``i``, sending it first unless it went out
-        in the group."""
-        if i >= self._grouped:
-            self.connection.send(self._commands[i])
+        """The reply to command ``i``, which is sent first if it has not
+        gone out: with the commands after it that may be pipelined, up to
+        `MAX_GROUP`."""
+        if i >= self._written:
+            end = max(i + 1, min(self._pipelined, i + MAX_GROUP))
+            self.connection.send(b''.join(self._commands[i:end]))
+            self._written = end
         return self.connection.getreply()
 
     def _drain(self, i):
-        """Read the replies still due to the group from command ``i`` on,
-        the transaction having failed already: a DATA the server accepted
-        gets a lone dot, which sends nothing (RFC 2920 section 3.1).  A
-        session lost meanwhile is ended; the failure stands."""
+        """Read the replies still due to commands written, from command
+        ``i`` on, the transaction having failed already: a DATA the server
+        accepted gets a lone dot, which sends nothing (RFC 2920 section
+        3.1).  A session lost meanwhile is ended; the failure stands."""
         try:
-            for i in range(i, self._grouped):
+            for i in range(i, self._written):
                 code, _ = self.connection.getreply()
                 if code == 421:
                     end(self.connection)
