@@ -23,6 +23,12 @@ RCPT came with its MAIL (``pipelined``), the next message's MAIL came with
 its final dot (``followed``).  --data-without-recipients answers DATA with
 354 when no recipient was accepted, as some servers do, and records what
 came up to the dot as ``NNNNNN.empty`` (``size``: a lone dot is 0).
+--address ADDRESS listens on another loopback address (127.0.0.2: Linux
+answers on all of 127/8).  --greeting-reply and --ehlo-reply (which answers
+HELO too) script a relay that turns every connection away (421: overloaded,
+shutting down).  --count-connections keeps the file ``connections`` in DIR
+up to date: JSON ``{"open", "peak", "total"}``, the connections open now,
+the most ever open at once, and all.
 
 This is the SMTP (and LMTP) server for tests: `helpers.Sink` runs it and
 reads what it recorded, conftest's ``sink`` and ``start_sink`` fixtures
@@ -54,6 +60,19 @@ class Recorder:
         self.args = args
         self.counter = itertools.count(len(os.listdir(directory)) + 1)
         self.faults_left = args.faults
+        self.connections = {'open': 0, 'peak': 0, 'total': 0}
+
+    def connected(self, change):
+        """A connection was opened (``change`` 1) or closed (-1): write
+        the counts (--count-connections)."""
+        counts = self.connections
+        counts['open'] += change
+        counts['peak'] = max(counts['peak'], counts['open'])
+        counts['total'] += change > 0
+        tmp = os.path.join(self.directory, '.connections')
+        with open(tmp, 'w') as f:
+            json.dump(counts, f)
+        os.rename(tmp, os.path.join(self.directory, 'connections'))
 
     def fault(self):
         """Whether a configured fault happens now; uses up one of --faults.
@@ -177,6 +196,20 @@ class SinkSMTP(SMTP):
         self.idle_reply = idle_reply
         self.args = handler.args
         self.pipelined = False      # the current MAIL came with its RCPT
+        self.counted = False        # by --count-connections
+
+    def connection_made(self, transport):
+        # Made again by STARTTLS: counted once.
+        if self.args.count_connections and self.transport is None:
+            self.counted = True
+            self.event_handler.connected(1)
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        if self.counted:
+            self.counted = False
+            self.event_handler.connected(-1)
+        super().connection_lost(error)
 
     def buffered(self):
         """What the client sent that is not read yet."""
@@ -218,7 +251,22 @@ class SinkSMTP(SMTP):
         misbehaviour = self.fault_at('connect')
         if misbehaviour:
             await self.misbehave(misbehaviour)
+        if self.args.greeting_reply and self.event_handler.fault():
+            await self.push(self.args.greeting_reply)
+            await self.misbehave('drop')
         await super()._handle_client()
+
+    async def smtp_EHLO(self, arg):
+        if self.args.ehlo_reply and self.event_handler.fault():
+            await self.push(self.args.ehlo_reply)
+            return
+        await super().smtp_EHLO(arg)
+
+    async def smtp_HELO(self, arg):
+        if self.args.ehlo_reply and self.event_handler.fault():
+            await self.push(self.args.ehlo_reply)
+            return
+        await super().smtp_HELO(arg)
 
     async def smtp_MAIL(self, arg):
         self.pipelined = self.buffered().upper().startswith(b'RCPT')
@@ -303,6 +351,16 @@ def main(argv=None):
                         help='listen on this TCP port (default: one the '
                              'system picks), e.g. that of a sink stopped '
                              'for an outage')
+    parser.add_argument('--address', default='127.0.0.1',
+                        help='listen on this IPv4 address (default '
+                             '127.0.0.1; 127.0.0.2 and so on answer too)')
+    parser.add_argument('--greeting-reply', metavar='REPLY',
+                        help='greet with REPLY instead of 220, then close')
+    parser.add_argument('--ehlo-reply', metavar='REPLY',
+                        help='answer EHLO and HELO with REPLY')
+    parser.add_argument('--count-connections', action='store_true',
+                        help='keep DIR/connections up to date: the '
+                             'connections open, the peak, the total')
     parser.add_argument('--deliver-reply', action='append', default=[],
                         metavar='ADDRESS=REPLY',
                         help='LMTP: answer the final dot for ADDRESS with '
@@ -377,7 +435,7 @@ def main(argv=None):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(args.unix)
     else:
-        sock = tcp_listener(args.port)
+        sock = tcp_listener(args.port, args.address)
     sock.listen(128)
     protocol = SinkLMTP if args.lmtp else SinkSMTP
 
@@ -389,15 +447,15 @@ def main(argv=None):
     serve_until_stdin_closes(loop, server)
 
 
-def tcp_listener(port=0):
-    """A socket listening on 127.0.0.1, on ``port`` (0: one the system
+def tcp_listener(port=0, address='127.0.0.1'):
+    """A socket listening on ``address``, on ``port`` (0: one the system
     picks).  Made
     with IPPROTO_TCP, or asyncio sets no TCP_NODELAY on its connections
     (+40 ms each through Nagle and delayed ACKs)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
                          socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(('127.0.0.1', port))
+    sock.bind((address, port))
     sock.listen(128)
     return sock
 
