@@ -125,10 +125,10 @@ class SMTPMailer(Mailer):
         """
         envelopes = iter(envelopes)
         try:
-            envelope, sent = next(envelopes, None), False
+            envelope, begun = next(envelopes, None), None
             while envelope is not None:
-                outcome, following, sent = self._deliver(
-                    envelope, sent, all_or_none, envelopes, still_wanted)
+                outcome, following, begun = self._deliver(
+                    envelope, begun, all_or_none, envelopes, still_wanted)
                 yield envelope, outcome
                 envelope = following if following is not None \
                     else next(envelopes, None)
@@ -138,23 +138,23 @@ class SMTPMailer(Mailer):
             self._local.drop()
             raise
 
-    def _deliver(self, envelope, sent, all_or_none, envelopes,
+    def _deliver(self, envelope, begun, all_or_none, envelopes,
                  still_wanted):
-        """``(outcome, following, sent)``: the outcome of sending
-        ``envelope`` (its commands ``sent`` already, with the previous
-        message), and the next envelope if it was taken from ``envelopes``
-        meanwhile, with whether its commands went out."""
+        """``(outcome, following, begun)``: the outcome of sending
+        ``envelope`` (``begun``: its `Transaction`, whose commands went out
+        with the previous message), and the next envelope if it was taken
+        from ``envelopes`` meanwhile, with its transaction if begun."""
         local = self._local
-        reused = sent or local.reusable(
+        reused = begun is not None or local.reusable(
             self.settings.messages_per_connection) is not None
         for fresh in (False, True) if reused else (True,):
             if fresh:
                 try:
                     local.keep(*self.rotation.connect(self._connect_to))
                 except TransientDeliveryError as e:
-                    return e, None, False
+                    return e, None, None
             try:
-                return self._transact(envelope, sent and not fresh,
+                return self._transact(envelope, None if fresh else begun,
                                       all_or_none, envelopes, still_wanted)
             except Reconnect as e:
                 # The server closed the session before MAIL FROM was
@@ -163,36 +163,38 @@ class SMTPMailer(Mailer):
                 cause = e.__cause__
         if not isinstance(cause, TransientDeliveryError):
             cause = TransientDeliveryError((None, describe(cause)))
-        return cause, None, False
+        return cause, None, None
 
-    def _transact(self, envelope, sent, all_or_none, envelopes,
+    def _transact(self, envelope, begun, all_or_none, envelopes,
                   still_wanted):
         local = self._local
         connection = local.connection
         local.sent += 1
         pipelining = self.settings.pipelining \
             and connection.has_extn('pipelining')
-        following = group = None
+        following = follow = None
         try:
-            transaction = Transaction(connection, *envelope, all_or_none,
-                                      pipelining, self.final_replies)
-            if not transaction.begin(sent):
-                return transaction.refused, None, False
+            transaction = begun or Transaction(
+                connection, *envelope, all_or_none, pipelining,
+                self.final_replies)
+            if not transaction.begin(sent=begun is not None):
+                return transaction.refused, None, None
         except DeliveryError as e:
-            return e, None, False
+            return e, None, None
         except (smtplib.SMTPException, OSError) as e:
-            return self._lost(e), None, False
+            return self._lost(e), None, None
         if still_wanted is not None and not still_wanted(envelope):
             # The server waits for the content: only a dropped connection
             # ends the transaction without sending anything.
             local.drop()
-            return Withdrawn(), None, False
+            return Withdrawn(), None, None
         if pipelining and not all_or_none \
                 and local.sent < self.settings.messages_per_connection:
             following = next(envelopes, None)
-            group = self._group(connection, following)
+            follow = self._follow(connection, following)
         try:
-            connection.send(transaction.content() + (group or b''))
+            connection.send(transaction.content()
+                            + (follow.group() if follow else b''))
             outcome = transaction.end()
         except DeliveryError as e:
             outcome = e
@@ -200,9 +202,9 @@ class SMTPMailer(Mailer):
             # If the final dot went out, the relay may have the message:
             # RFC 1047's window, and the one case where a retry can send it
             # twice.  The following message was not sent: it goes again.
-            return self._lost(e), following, False
+            return self._lost(e), following, None
         return outcome, following, \
-            bool(group) and connection.sock is not None
+            follow if connection.sock is not None else None
 
     def _lost(self, error):
         """The session was lost or timed out mid-transaction: end it; the
@@ -214,15 +216,15 @@ class SMTPMailer(Mailer):
             self.rotation.mark_down(relay, reason)
         return TransientDeliveryError((None, f'{address(relay)}: {reason}'))
 
-    def _group(self, connection, envelope):
-        """The pipelined commands of ``envelope`` (None: there is none, or
-        its addresses need what the relay lacks; it is then sent, and
-        refused, on its own)."""
+    def _follow(self, connection, envelope):
+        """The pipelined transaction of ``envelope``, to begin with the
+        current message's end (None: there is none, or its addresses need
+        what the relay lacks; it is then sent, and refused, on its own)."""
         if envelope is None:
             return None
         try:
             return Transaction(connection, *envelope, pipelining=True,
-                               final_replies=self.final_replies).group()
+                               final_replies=self.final_replies)
         except DeliveryError:
             return None
 

@@ -189,8 +189,9 @@ def commands(connection, fromaddr, toaddrs, message):
                       'the non-ASCII addresses need'))
         options += ' SMTPUTF8'
         encoding = 'utf-8'
-    lines = [f'MAIL FROM:{smtplib.quoteaddr(fromaddr)}{options}',
-             *(f'RCPT TO:{smtplib.quoteaddr(a)}' for a in toaddrs), 'DATA']
+    # The addresses were validated when queued: bare, without CR or LF.
+    lines = [f'MAIL FROM:<{fromaddr}>{options}',
+             *(f'RCPT TO:<{a}>' for a in toaddrs), 'DATA']
     return [f'{line}\r\n'.encode(encoding) for line in lines]
 
 
