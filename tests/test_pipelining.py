@@ -260,3 +260,22 @@ def test_many_recipients_pipelined_in_groups(tmp_path, start_sink):
     [record] = sink.messages()
     assert record['rcpt_tos'] == many[:217] + many[218:]
     assert record['pipelined']
+
+
+def test_no_command_smuggled_from_a_queue_file(tmp_path, start_sink):
+    """A queue file written by someone else, whose recipient holds a CR and
+    an angle bracket, fails with its reason: no command or parameter of
+    its making reaches the relay."""
+    sink = start_sink('--pipelining')
+    processor, queue = processor_for(tmp_path, sink)
+    evil = 'ann@example.org>\rRCPT TO:<evil@example.org'
+    with open(os.path.join(queue.path, 'new', '1.planted.host'), 'wb') as f:
+        f.write(b'X-Mailout-From: app@example.org\r\n'
+                b'X-Mailout-To: ' + evil.encode() + b'\r\n\r\n'
+                b'Subject: planted\r\n\r\nbody\r\n')
+    enqueue(queue, 'next', separately=True)
+    processor.run_once()
+    assert [r['rcpt_tos'] for r in sink.messages()] == [[ANN]]
+    [failed] = files_in(queue, 'failed')
+    with open(os.path.join(queue.path, 'failed', failed), 'rb') as f:
+        assert b'553 5.1.3 malformed envelope address' in f.read()

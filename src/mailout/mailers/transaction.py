@@ -40,6 +40,10 @@ def final_reply(connection, toaddrs, refused, code, reply):
     return refused
 
 
+#: What no envelope address may contain: a control character would end or
+#: split the command, an angle bracket its address.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>]')
+
 #: The most commands written before their replies are read: a message for
 #: thousands of recipients must not fill both sides' socket buffers, each
 #: waiting for the other to read (RFC 2920 section 3.5).
@@ -176,7 +180,13 @@ class Transaction:
 
 
 def commands(connection, fromaddr, toaddrs, message):
-    """MAIL, one RCPT per recipient and DATA, each a line of bytes."""
+    """MAIL, one RCPT per recipient and DATA, each a line of bytes.
+    Addresses were checked when queued; a queue file from elsewhere could
+    still smuggle a command or parameter into the session: refused."""
+    for address in (fromaddr, *toaddrs):
+        if _UNSAFE.search(address):
+            raise PermanentDeliveryError(
+                (553, f'5.1.3 malformed envelope address {address!r}'))
     # RFC 6152: say that an 8-bit body is one, where the relay can take it.
     options = ' BODY=8BITMIME' if not message.isascii() \
         and connection.has_extn('8bitmime') else ''
