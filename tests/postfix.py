@@ -13,10 +13,17 @@ authenticated clients only.
 The fixtures below are imported by conftest.py, for any test module.  Without
 /usr/sbin/postfix they skip, unless ``MAILOUT_TEST_POSTFIX`` is set (CI sets
 it after installing Debian's postfix): then they fail.
+
+Several instances run side by side (tests/scaleout.py's relay farm): each
+has its own directory, listens on a loopback address of its own
+(``address``: Linux answers on all of 127.0.0.0/8) and names itself
+``NAME.mailout.test`` (``name``) in its Received headers.  `halt` stops an
+instance and keeps its queue, `start` starts it again.
 """
 import json
 import os
 import re
+import threading
 import shutil
 import socket
 import subprocess
@@ -58,21 +65,30 @@ def require(path=POSTFIX, reason=MISSING):
     pytest.skip(reason)
 
 
-def free_port():
+def free_port(address='127.0.0.1'):
+    """A TCP port free on ``address`` now."""
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
 class Postfix:
-    """One private Postfix instance in a temporary directory."""
+    """One private Postfix instance in a temporary directory, listening on
+    ``address`` (a loopback address) as ``NAME.mailout.test`` and relaying
+    everything to 127.0.0.1:``relay_port``.  ``fast_retry``: Postfix tries
+    deferred mail again within seconds, not minutes."""
 
-    def __init__(self, relay_port, certs=None, sasl=None):
+    def __init__(self, relay_port, certs=None, sasl=None,
+                 address='127.0.0.1', name='postfix', fast_retry=False):
         self.relay_port = relay_port
+        self.address = address
+        self.name = name
+        self.hostname = f'{name}.mailout.test'
+        self.fast_retry = fast_retry
         self.sasl = os.path.exists(SASLPASSWD2) if sasl is None else sasl
         # Not under pytest's basetemp: its directories are 0700, and the
         # postfix user must traverse every parent to reach its lock files.
-        self.dir = tempfile.mkdtemp(prefix='mailout-postfix-')
+        self.dir = tempfile.mkdtemp(prefix=f'mailout-{name}-')
         self.etc = os.path.join(self.dir, 'etc')
         self.spool = os.path.join(self.dir, 'spool')
         self.data = os.path.join(self.dir, 'data')
@@ -82,8 +98,8 @@ class Postfix:
             os.makedirs(path, exist_ok=True)
             os.chmod(path, 0o755)
         shutil.chown(self.data, 'postfix', 'postfix')
-        self.port = free_port()
-        self.auth_port = free_port() if self.sasl else None
+        self.port = free_port(address)
+        self.auth_port = free_port(address) if self.sasl else None
         self.tls = certs is not None
         if self.tls:
             # smtpd reads these as root before it drops privileges.
@@ -94,9 +110,11 @@ class Postfix:
             os.chmod(self.key, 0o600)
         self._write_config()
         self.started = False
+        self._group = None      # the master's process group while it runs
 
     def __repr__(self):
-        return f'<Postfix 127.0.0.1:{self.port} in {self.dir}>'
+        return f'<Postfix {self.name} {self.address}:{self.port} in ' \
+               f'{self.dir}>'
 
     # -- configuration --------------------------------------------------------
 
@@ -109,9 +127,12 @@ class Postfix:
             f'data_directory = {self.data}',
             f'maillog_file_prefixes = /var, /dev/stdout, {self.log_dir}',
             f'maillog_file = {self.logfile}',
-            'myhostname = postfix.mailout.test',
+            f'myhostname = {self.hostname}',
             'mydomain = mailout.test',
             'myorigin = $myhostname',
+            # Not ``address``: Postfix refuses one that no interface has
+            # (127.0.0.2 lies in lo's 127.0.0.0/8, but lo has 127.0.0.1);
+            # master.cf names the address each service listens on.
             'inet_interfaces = loopback-only',
             'inet_protocols = ipv4',
             'mynetworks = 127.0.0.0/8',
@@ -134,6 +155,12 @@ class Postfix:
             'smtpd_soft_error_limit = 100',
             'smtpd_hard_error_limit = 200',
         ]
+        if self.fast_retry:
+            settings += [
+                'minimal_backoff_time = 2s',
+                'maximal_backoff_time = 10s',
+                'queue_run_delay = 2s',
+            ]
         if self.tls:
             settings += [
                 f'smtpd_tls_chain_files = {self.key}, {self.cert}',
@@ -167,10 +194,10 @@ class Postfix:
             ]
         with open(os.path.join(self.etc, 'main.cf'), 'w') as f:
             f.write(''.join(line + '\n' for line in settings))
-        services = [f'127.0.0.1:{self.port} inet n - n - - smtpd']
+        services = [f'{self.address}:{self.port} inet n - n - - smtpd']
         if self.sasl:
             services += [
-                f'127.0.0.1:{self.auth_port} inet n - n - - smtpd',
+                f'{self.address}:{self.auth_port} inet n - n - - smtpd',
                 '  -o smtpd_tls_security_level=encrypt',
                 '  -o smtpd_sasl_auth_enable=yes',
                 '  -o smtpd_relay_restrictions=permit_sasl_authenticated,'
@@ -219,12 +246,14 @@ class Postfix:
 
     def start(self, timeout=30):
         """Start the instance and wait (at most ``timeout`` seconds) for the
-        220 greeting on every port."""
+        220 greeting on every port.  Starts a `halt`ed instance again,
+        with the mail left in its queue."""
         self.command('check')          # creates the queue directories
         for path in (self.spool,):
             os.chmod(path, 0o755)
         self.command('start')
         self.started = True
+        self._group = self.master_pid   # master runs in a session of its own
         deadline = time.monotonic() + timeout
         for port in filter(None, (self.port, self.auth_port)):
             self._wait_for_greeting(port, deadline)
@@ -233,7 +262,7 @@ class Postfix:
         error = None
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(('127.0.0.1', port),
+                with socket.create_connection((self.address, port),
                                               timeout=5) as s:
                     greeting = s.makefile('rb').readline()
                     if greeting.startswith(b'220'):
@@ -256,17 +285,36 @@ class Postfix:
         except (OSError, ValueError, IndexError):
             return None
 
+    def halt(self, timeout=30):
+        """Stop the instance (``postfix stop``, bounded) and wait until
+        every process of it (its master's process group) is gone; its
+        directory and queue stay, for `start`."""
+        if not self.started:
+            return
+        pid = self.master_pid
+        group = self._group or pid
+        self.command('stop', check=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while pid and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid and _alive(pid):     # our own master; make sure it goes
+            os.kill(pid, 9)
+        # The master's SIGTERM goes to its whole group; smtpd, cleanup and
+        # smtp processes may take a moment to go.
+        while group and _group_members(group) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for member in _group_members(group) if group else ():
+            try:
+                os.kill(member, 9)
+            except ProcessLookupError:
+                pass
+        self.started = False
+        self._group = None
+
     def stop(self, timeout=30):
         """Stop the instance (bounded) and remove its directory."""
-        if self.started:
-            pid = self.master_pid
-            self.command('stop', check=False, timeout=timeout)
-            deadline = time.monotonic() + timeout
-            while pid and _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid and _alive(pid):     # our own master; make sure it goes
-                os.kill(pid, 9)
-            self.started = False
+        self.halt(timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- inspection -----------------------------------------------------------
@@ -307,6 +355,11 @@ class Postfix:
                                 check=True)
         return [json.loads(line) for line in result.stdout.splitlines()]
 
+    def flush(self):
+        """Try every deferred message now (``postqueue -f``)."""
+        subprocess.run([POSTQUEUE, '-c', self.etc, '-f'], capture_output=True,
+                       timeout=30, check=True)
+
     def wait_until_empty(self, timeout=10):
         """Wait until Postfix has handed everything on (bounded)."""
         deadline = time.monotonic() + timeout
@@ -317,6 +370,43 @@ class Postfix:
             if time.monotonic() > deadline:
                 raise AssertionError(f'Postfix queue not empty: {queue}')
             time.sleep(0.02)
+
+
+def start_all(instances, timeout=60):
+    """Start several instances at once (each takes a few seconds), each
+    in a thread; raise the first failure."""
+    errors = []
+
+    def start(instance):
+        try:
+            instance.start(timeout)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=start, args=(instance,))
+               for instance in instances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _group_members(group):
+    """The live (not zombie) processes of process group ``group``."""
+    members = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state, fields[2] the process group.
+        if fields[2] == str(group) and fields[0] != 'Z':
+            members.append(int(entry))
+    return members
 
 
 def _alive(pid):
