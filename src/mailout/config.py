@@ -72,6 +72,12 @@ def relay_host(value):
     return host, port
 
 
+def host_id(value):
+    """Datatype of ``host-id``: this process's host in queue file names."""
+    from mailout.queue.names import check_host_id
+    return check_host_id(value)
+
+
 def address(value):
     """An e-mail address (``redirect-to``), checked as send() checks one."""
     from mailout.interfaces import InvalidAddress
@@ -205,6 +211,8 @@ class QueuedDeliverySettings:
     max_lifetime: float
     hold: bool = False
     redirect_to: Optional[str] = None
+    claim_lease: float = 300.0
+    host_id: Optional[str] = None   # the <mailout> section's
 
     @classmethod
     def from_section(cls, section):
@@ -212,6 +220,10 @@ class QueuedDeliverySettings:
             raise ZConfig.ConfigurationError(
                 f'queued-delivery {section.getSectionName()!r}: min-backoff '
                 'is longer than max-backoff')
+        if section.claim_lease < 1:
+            raise ZConfig.ConfigurationError(
+                f'queued-delivery {section.getSectionName()!r}: claim-lease '
+                'must be 1s at least (default 5m)')
         return _settings(cls, section,
                          queue_path=os.path.abspath(section.queue_path))
 
@@ -234,12 +246,16 @@ class MailoutSettings:
     name: Optional[str]
     mailers: dict
     deliveries: dict
+    host_id: Optional[str] = None
 
     @classmethod
     def from_section(cls, section):
         # ZConfig already refuses two sections of one name.
         mailers = {s.name: s for s in section.mailers}
-        deliveries = {s.name: s for s in section.deliveries}
+        # A queued delivery names its files with the process's host id.
+        deliveries = {s.name: dataclasses.replace(s, host_id=section.host_id)
+                      if isinstance(s, QueuedDeliverySettings) else s
+                      for s in section.deliveries}
         queues = {}
         for delivery in deliveries.values():
             path = getattr(delivery, 'queue_path', None)
@@ -249,6 +265,12 @@ class MailoutSettings:
                 raise ZConfig.ConfigurationError(
                     f'deliveries {other.name!r} and {delivery.name!r} share '
                     f'the queue {path} but not a mailer')
+            if getattr(other, 'claim_lease', None) \
+                    != getattr(delivery, 'claim_lease', None):
+                # One queue, one lease: on every host working it, too.
+                raise ZConfig.ConfigurationError(
+                    f'deliveries {other.name!r} and {delivery.name!r} share '
+                    f'the queue {path} but not a claim-lease')
             if delivery.mailer not in mailers:
                 # Raised as ConfigurationError: ZConfig would turn a
                 # ValueError here into a DataConversionError without a line.
@@ -256,7 +278,8 @@ class MailoutSettings:
                     f'delivery {delivery.name!r} names unknown mailer '
                     f'{delivery.mailer!r} (mailers: '
                     f"{', '.join(sorted(mailers)) or 'none'})")
-        return cls(section.getSectionName(), mailers, deliveries)
+        return cls(section.getSectionName(), mailers, deliveries,
+                   section.host_id)
 
     # Zope stores product sections by getSectionName(); zope.app.appsetup
     # stores .mapping, which is this object so that find() recognises it.

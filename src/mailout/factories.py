@@ -1,6 +1,8 @@
 """Build mailers, deliveries and processors from settings (config.py)."""
 import logging
 
+import ZConfig
+
 from mailout import config
 from mailout.delivery import DirectDelivery
 from mailout.delivery import QueuedDelivery
@@ -9,6 +11,7 @@ from mailout.mailers import SendmailMailer
 from mailout.mailers import SMTPMailer
 from mailout.processor import Processor
 from mailout.processor import RetryPolicy
+from mailout.queue import names
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,27 @@ def build_delivery(settings, mailer, processor=True):
         return DirectDelivery(settings.name, mailer,
                               max_message_size=settings.max_message_size,
                               redirect_to=settings.redirect_to)
+    set_host(settings.host_id)
     delivery = QueuedDelivery(settings.name, mailer, settings.queue_path,
                               max_message_size=settings.max_message_size,
                               redirect_to=settings.redirect_to)
+    # One object per queue directory in a process: the lease is the
+    # queue's (config refuses two leases for one queue).
+    delivery.queue.claim_lease = settings.claim_lease
     if settings.processor and processor:
         delivery.processor = build_processor(settings, delivery.queue, mailer)
     return delivery
+
+
+def set_host(host_id):
+    """Fix this process's host id (the queue files' names) before a queue
+    is used: ``host_id`` (the ``<mailout>`` section's ``host-id``), else
+    ``$MAILOUT_HOST_ID``, else the host name.  `ZConfig.ConfigurationError`
+    for a bad one, or one different from what this process uses already."""
+    try:
+        names.set_host(host_id)
+    except ValueError as e:
+        raise ZConfig.ConfigurationError(str(e)) from None
 
 
 def build_processor(settings, queue, mailer):

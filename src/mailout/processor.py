@@ -29,6 +29,7 @@ from mailout.interfaces import IMailFailedEvent
 from mailout.interfaces import IMailSentEvent
 from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
+from mailout.interfaces import Withdrawn
 from mailout import mailers
 from mailout.mailers.relays import RelaysResting
 from mailout.queue import fileformat
@@ -144,6 +145,7 @@ class Processor:
         self._last_probe = -PROBE_INTERVAL  # time.monotonic()
         self._probing: Optional[threading.Thread] = None
         self._seen_back = 0.0   # the newest relay-back acted upon
+        self._renewing: Optional[threading.Thread] = None
 
     def __repr__(self):
         return f'<Processor {self.name!r} {self.queue.path}>'
@@ -167,6 +169,7 @@ class Processor:
                 for i in range(self.connections)]
             for thread in self._threads:
                 thread.start()
+            self._renewing = self._renew_while(self._stopping)
             _started.add(self)
             log.info('started %r with %d connection(s)', self,
                      self.connections)
@@ -185,7 +188,7 @@ class Processor:
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0))
-        log.info('stopped %r', self)
+        log.info('stopped %r', self)      # the renewal thread ends too
 
     def _forget_after_fork(self):
         # The threads did not come along into the child; a lock may have
@@ -195,6 +198,7 @@ class Processor:
         self._names = collections.deque()
         self._threads = []
         self._probing = None
+        self._renewing = None
         if self.rate is not None:
             self.rate = RateLimit(self.rate.rate)
 
@@ -213,6 +217,21 @@ class Processor:
             if time.monotonic() - idle_since > KEEP_IDLE_CONNECTION:
                 self.mailer.close()         # idle: let the relay go
         self.mailer.close()
+
+    def _renew_while(self, running):
+        """Start a thread that renews this process's claims every quarter of
+        the queue's claim lease until ``running`` is set, so that no other
+        host takes over a message whose send takes long; return it."""
+        def renew():
+            while not running.wait(self.queue.claim_lease / 4):
+                try:
+                    self.queue.renew_claims()
+                except Exception:
+                    log.exception('%r: renewing the claims failed', self)
+        thread = threading.Thread(target=renew, daemon=True,
+                                  name=f'mailout {self.name} renewal')
+        thread.start()
+        return thread
 
     def _maintain(self):
         """Recover dead claims and promote due deferred messages, at most
@@ -340,10 +359,16 @@ class Processor:
         workers = [threading.Thread(target=work, name=f'mailout {self.name} '
                                     f'once {i}') for i in
                    range(max(min(self.connections, len(waiting)), 1))]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        done = threading.Event()
+        renewing = self._renew_while(done)
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        finally:
+            done.set()
+            renewing.join()
         return sum(handled.values())
 
     def _waits_for_a_relay(self, message):
@@ -401,6 +426,11 @@ class Processor:
                     taken[id(envelope)] = (name, message,
                                            message_id_of(message.message))
                     yield envelope
+        def still_wanted(envelope):
+            # Asked right before the content goes out: another host may
+            # have taken the claim over (this process was frozen, or its
+            # renewals late, past the claim lease).
+            return self.queue.holds(taken[id(envelope)][0])
         send_each = getattr(self.mailer, 'send_each', None) \
             or functools.partial(mailers.send_each, self.mailer)
         # A rate limit waits before each message: none may wait meanwhile
@@ -408,8 +438,12 @@ class Processor:
         batches = ([name] for name in claimed) if self.rate else [claimed]
         for batch in batches:
             try:
-                for envelope, outcome in send_each(envelopes(batch)):
-                    self._settle(*taken.pop(id(envelope)), outcome)
+                for envelope, outcome in send_each(
+                        envelopes(batch), still_wanted=still_wanted):
+                    if isinstance(outcome, Withdrawn):
+                        self._withdrawn(*taken.pop(id(envelope)))
+                    else:
+                        self._settle(*taken.pop(id(envelope)), outcome)
             except Exception as e:
                 log.exception('%r: the mailer failed', self)
                 # As far as we know, these went to no one.
@@ -417,6 +451,14 @@ class Processor:
                     self._settle(name, message, message_id,
                                  (None, f'{type(e).__name__}: {e}'))
                 taken.clear()
+
+    def _withdrawn(self, claimed, message, message_id):
+        """The claim was taken over before the message went out: it is the
+        other host's now; nothing was sent, nothing is recorded."""
+        self.queue.forget(claimed)
+        log.warning('%r: %s was taken over by another host before it was '
+                    'sent (this process was late renewing its claim): not '
+                    'sent here', self, _message_ids(message_id, message.name))
 
     def _read(self, claimed):
         """The claimed message, ready to send; None when it is not (taken
@@ -443,7 +485,10 @@ class Processor:
                      'removing it', self,
                      _message_ids(message_id_of(message.message),
                                   message.name))
-            self.queue.done(claimed)
+            try:
+                self.queue.done(claimed)
+            except FileNotFoundError:   # taken from us meanwhile
+                self.queue.forget(claimed)
             return None
         return message
 
@@ -491,19 +536,48 @@ class Processor:
                                  decision.until)
             elif not failed:
                 self.queue.done(claimed)
-        except OSError as e:
-            # No space, an area removed or read-only: release the message
-            # for a later attempt, never again to those who have it.
-            log.error('%r: cannot record the outcome of %s (%s): released '
-                      'for another attempt after %s', self,
-                      _message_ids(message_id, message.name),
-                      printable(str(e)), stamp(decision.until))
-            self.queue.release(claimed, decision.sent + recorded,
-                               decision.until)
+        except FileNotFoundError as e:
+            if self.queue.holds(claimed):   # an area is missing
+                return self._release(claimed, message, message_id, decision,
+                                     recorded, e)
+            self._taken_over(message, message_id, decision)
             return dataclasses.replace(
                 decision, deferred={},
                 failed={a: failed[a] for a in recorded})
+        except OSError as e:
+            return self._release(claimed, message, message_id, decision,
+                                 recorded, e)
         return decision
+
+    def _release(self, claimed, message, message_id, decision, recorded,
+                 error):
+        """No space, an area removed or read-only: release the message for
+        a later attempt, never again to those who have it."""
+        log.error('%r: cannot record the outcome of %s (%s): released for '
+                  'another attempt after %s', self,
+                  _message_ids(message_id, message.name),
+                  printable(str(error)), stamp(decision.until))
+        self.queue.release(claimed, decision.sent + recorded, decision.until)
+        return dataclasses.replace(
+            decision, deferred={},
+            failed={a: decision.failed[a] for a in recorded})
+
+    def _taken_over(self, message, message_id, decision):
+        """The claim vanished while the message was being sent (this process
+        was frozen or its renewals late past the claim lease): another host
+        took the message over and sends it itself."""
+        shown = _message_ids(message_id, message.name)
+        if decision.sent:
+            log.warning('%r: %s was sent to %s, but meanwhile its claim was '
+                        'taken over by another host, which sends it too: it '
+                        'may arrive twice', self, shown,
+                        _listed(decision.sent))
+        else:
+            log.warning('%r: %s was not delivered here (%s), and meanwhile '
+                        'its claim was taken over by another host, which '
+                        'sends it: nothing recorded here', self, shown,
+                        _reply_text(decision.deferred_reply
+                                    or decision.failed_reply))
 
     def _announce(self, message, message_id, decision):
         """Log ``decision`` and notify its events."""

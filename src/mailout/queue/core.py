@@ -18,6 +18,7 @@ from mailout.queue import files
 from mailout.queue import names
 from mailout.queue.files import QueueError
 from mailout.queue.inspection import Inspection
+from mailout.queue.recovery import CLAIM_LEASE
 from mailout.queue.recovery import Recovery
 from mailout.queue.relaystate import RelayStates
 
@@ -54,8 +55,14 @@ class Queue(Recovery, Inspection):
         #: This process in the names of its files (with its pid).
         self.token = names.new_token()
         self._claim_numbers = itertools.count()
-        self._claims = set()        # claims held by this process, by name
+        # The claims held by this process, by name: True once in cur/.
+        self._claims: dict[str, bool] = {}
         self._claims_lock = threading.Lock()
+        # Held while a claim's times are set (`renew_claims`, `postpone`).
+        self._times_lock = threading.Lock()
+        #: Seconds after which another host takes back a claim that was not
+        #: renewed (``claim-lease``): the same on every host of the queue.
+        self.claim_lease: float = CLAIM_LEASE
         self._unfinished = []       # committed batches still in tmp/
         self._unreleased = {}       # claim -> (settled, until), see release
         self._reported = set()      # names logged once
@@ -69,8 +76,9 @@ class Queue(Recovery, Inspection):
     def _after_fork(self):
         self._arrived = threading.Condition()
         self.token = names.new_token()
-        self._claims = set()
+        self._claims = {}
         self._claims_lock = threading.Lock()
+        self._times_lock = threading.Lock()
         self._unfinished = []
         self._unreleased = {}
 
@@ -261,8 +269,9 @@ class Queue(Recovery, Inspection):
         two threads racing for one file never share a claim."""
         claimed = str(names.Claim.new(name, self.token,
                                       next(self._claim_numbers)))
+        # Recorded before the rename, so that recovery never sees it unheld.
         with self._claims_lock:
-            self._claims.add(claimed)
+            self._claims[claimed] = False
         try:
             os.rename(self._area('new', name), self._area('cur', claimed))
         except FileNotFoundError:
@@ -271,7 +280,40 @@ class Queue(Recovery, Inspection):
         except OSError:
             self.forget(claimed)
             raise
+        with self._claims_lock:
+            if claimed in self._claims:
+                self._claims[claimed] = True
         return claimed
+
+    def holds(self, claimed):
+        """Whether this process's claim is still there: False once another
+        host took it over (its file is gone), and then it is forgotten."""
+        if os.path.lexists(self._area('cur', claimed)):
+            return True
+        self.forget(claimed)
+        return False
+
+    def renew_claims(self):
+        """Touch every claim this process holds, so that other hosts see
+        it alive (they measure the file's ctime against ``claim_lease``);
+        its times stay as they are.  A claim whose file vanished (taken
+        over) is forgotten.  How many were renewed."""
+        with self._claims_lock:
+            held = [claimed for claimed, made in self._claims.items() if made]
+        renewed = 0
+        for claimed in held:
+            path = self._area('cur', claimed)
+            with self._entry_errors(claimed):
+                try:
+                    with self._times_lock:
+                        times = os.lstat(path)
+                        os.utime(path, ns=(times.st_atime_ns,
+                                           times.st_mtime_ns),
+                                 follow_symlinks=False)
+                    renewed += 1
+                except FileNotFoundError:
+                    self.forget(claimed)
+        return renewed
 
     def read(self, claimed):
         """The claimed message; `QueueError` for anything but a readable
@@ -294,9 +336,11 @@ class Queue(Recovery, Inspection):
         with no attempt added (`defer` adds one first)."""
         path = self._area('cur', claimed)
         # The time first: once in deferred/, a processor may promote it.
-        os.utime(path, (until, until), follow_symlinks=False)
-        os.rename(path,
-                  self._area('deferred', names.Claim.parse(claimed).name))
+        # (No renewal may set the old one back in between.)
+        with self._times_lock:
+            os.utime(path, (until, until), follow_symlinks=False)
+            os.rename(path,
+                      self._area('deferred', names.Claim.parse(claimed).name))
         self.forget(claimed)
 
     def fail(self, claimed, toaddrs, attempt, keep_claim=False):
@@ -374,16 +418,23 @@ class Queue(Recovery, Inspection):
                 self._unreleased[claimed] = (settled, until)
             return
         try:
-            os.utime(path, (until, until), follow_symlinks=False)
-            os.rename(path, self._area('deferred', name))
+            with self._times_lock:
+                os.utime(path, (until, until), follow_symlinks=False)
+                os.rename(path, self._area('deferred', name))
+        except FileNotFoundError:
+            if os.path.lexists(path):   # deferred/ is missing
+                self._release_to_new(path, name)
         except OSError:
-            try:
-                os.rename(path, self._area('new', name))
-            except OSError:
-                pass        # recovery gives it back once it can
+            self._release_to_new(path, name)
         with self._claims_lock:
             self._unreleased.pop(claimed, None)
         self.forget(claimed)
+
+    def _release_to_new(self, path, name):
+        try:
+            os.rename(path, self._area('new', name))
+        except OSError:
+            pass        # recovery gives it back once it can
 
     def _release_kept(self):
         with self._claims_lock:
@@ -468,17 +519,18 @@ class Queue(Recovery, Inspection):
         """Drop this process's record of a claim (settled, or its file is
         gone)."""
         with self._claims_lock:
-            self._claims.discard(claimed)
+            self._claims.pop(claimed, None)
 
     def _rewrite(self, claimed, toaddrs, attempt):
         # Replace the claimed file in place (write aside, rename over), so a
-        # crash leaves either the old or the new version, never both.
+        # crash leaves either the old or the new version, never both; a
+        # claim taken over meanwhile stays gone (FileNotFoundError).
         aside = self._area(
             'tmp', str(names.Rewrite(names.Claim.parse(claimed))))
         files.write_durably(aside, fileformat.with_history(
             self.read(claimed), toaddrs, attempt))
         try:
-            os.rename(aside, self._area('cur', claimed))
+            files.replace_existing(aside, self._area('cur', claimed))
         except OSError:
             files.unlink(aside)
             raise

@@ -1,5 +1,6 @@
 """Safe operations on queue files: they are opened without following a
 link or blocking, only regular files are read, and writes are durable."""
+import ctypes
 import errno
 import os
 import stat
@@ -78,6 +79,42 @@ def unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _load_renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):       # not Linux, or an old libc
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                         ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def replace_existing(source, target):
+    """Rename ``source`` over ``target`` only if ``target`` is there:
+    FileNotFoundError (``source`` left as it is) if it is not -- a claim
+    taken over meanwhile must not come back to life.  Atomic where the
+    system can exchange two names (Linux's renameat2); elsewhere (NFS,
+    other systems) a check just before the rename leaves a window of
+    microseconds."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD,
+                      os.fsencode(target), _RENAME_EXCHANGE) == 0:
+            unlink(source)              # the old version, swapped aside
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(error, os.strerror(error), target)
+    if not os.path.lexists(target):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                target)
+    os.rename(source, target)
 
 
 def ctime(path, default):

@@ -11,10 +11,15 @@ formats it (``str``).  Nothing else builds or splits a queue file name.
                 NAME.rHEX (`retry_name`), NAME+N (`failed_copy`)
     cur/        NAME,HOST,PID,TOKEN-N                `Claim`
     failed/     NAME.reason                          (`reason_of`)
+
+HOST is this process's host id (`set_host`): ``host-id``, else
+``$MAILOUT_HOST_ID``, else the host name with its pid namespace.
 """
 import dataclasses
 import os
+import re
 import socket
+import threading
 import time
 import uuid
 
@@ -35,11 +40,89 @@ def _host_id():
 
 #: The areas of a queue directory, in the order a message passes them.
 AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed', 'held')
-#: This host in the names of its tmp/ files and claims.
-HOST = _host_id()
 _REASON = '.reason'
 _REWRITE = '.rewrite'
 _PREPARED, _COMMITTED = '.prepared', '.commit'
+
+#: The environment variable naming this process's host when the
+#: configuration does not (``host-id``).
+HOST_ID_VARIABLE = 'MAILOUT_HOST_ID'
+HOST_ID_RULE = ("1 to 64 ASCII letters, digits, '.', '-', '_' and '~', not "
+                'ending in .commit, .prepared, .rewrite or .reason')
+_HOST_ID = re.compile(r'[A-Za-z0-9._~-]{1,64}\Z')
+
+
+def check_host_id(value):
+    """``value`` if it may name a host in queue file names, else ValueError
+    saying what may."""
+    if not _HOST_ID.match(value) or value.endswith(
+            (_REASON, _REWRITE, _PREPARED, _COMMITTED)):
+        raise ValueError(f'not a host id: {value!r} (a host id is '
+                         f'{HOST_ID_RULE})')
+    return value
+
+
+def _initial_host():
+    value = os.environ.get(HOST_ID_VARIABLE)
+    try:
+        return check_host_id(value) if value else _host_id()
+    except ValueError:      # said when the configuration is applied
+        return _host_id()
+
+
+#: This host in the names of its tmp/ files and claims (`set_host`).
+HOST = _initial_host()
+#: What fixed HOST for this process's life (None: nothing yet).
+_host_fixed_by = None
+_host_lock = threading.Lock()
+
+
+def set_host(value=None):
+    """Fix this process's host id: ``value`` (the ``host-id`` key), else
+    ``$MAILOUT_HOST_ID``, else the default (host name and pid namespace).
+    One process is one host: ValueError for a second, different value, or
+    for one given after this process named a queue file with another."""
+    global HOST, _host_fixed_by
+    if value:
+        source = f'host-id {value}'
+        check_host_id(value)
+    elif os.environ.get(HOST_ID_VARIABLE):
+        value = os.environ[HOST_ID_VARIABLE]
+        source = f'${HOST_ID_VARIABLE}'
+        try:
+            check_host_id(value)
+        except ValueError as e:
+            raise ValueError(f'${HOST_ID_VARIABLE}: {e}') from None
+    else:
+        value, source = _host_id(), 'the host name'
+    with _host_lock:
+        if _host_fixed_by is not None and value != HOST:
+            raise ValueError(
+                f'host id {value!r} (from {source}): this process is host '
+                f'{HOST!r} already (from {_host_fixed_by}); one process is '
+                'one host, give every configuration it loads the same '
+                'host-id')
+        HOST = value
+        if _host_fixed_by is None:
+            _host_fixed_by = source
+
+
+def _reset_after_fork():
+    global _host_lock
+    _host_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _host_in_use():
+    """HOST, fixed from now on: a file is being named with it."""
+    global _host_fixed_by
+    if _host_fixed_by is None:
+        with _host_lock:
+            if _host_fixed_by is None:
+                _host_fixed_by = 'the queue files it named'
+    return HOST
 
 
 def _pid(text):
@@ -118,7 +201,8 @@ class TmpMessage:
     @classmethod
     def new(cls, writer, batch=None):
         unique = uuid.uuid4().hex[:12]
-        return cls(str(time.time_ns()), writer, batch or unique, unique, HOST)
+        return cls(str(time.time_ns()), writer, batch or unique, unique,
+                   _host_in_use())
 
     @classmethod
     def parse(cls, name):
@@ -153,7 +237,7 @@ class Claim:
 
     @classmethod
     def new(cls, name, token, number):
-        return cls(name, HOST, os.getpid(), f'{token}-{number}')
+        return cls(name, _host_in_use(), os.getpid(), f'{token}-{number}')
 
     @classmethod
     def parse(cls, filename):

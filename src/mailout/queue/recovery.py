@@ -1,14 +1,19 @@
 """Recovery: finishing what dead processes left, for `Queue`."""
 import errno
+import logging
 import os
 import time
 
+from mailout.message import printable
 from mailout.queue import files
 from mailout.queue import names
 
-#: Claims by another host whose file was not touched for this long are
-#: taken back: that host's processor is presumed dead.
-CLAIM_LEASE = 600
+log = logging.getLogger('mailout.queue')
+
+#: Claims by another host whose file was not touched (renewed) for this
+#: long are taken back: that host's processor is presumed dead.  The
+#: default of ``claim-lease``, a queue's ``claim_lease``.
+CLAIM_LEASE = 300
 #: Unfinished writes by another host are removed after this long (Maildir's
 #: customary 36 hours).
 TMP_LIFETIME = 36 * 3600
@@ -44,7 +49,14 @@ class Recovery:
                                   self._area('new', claim.name))
                         recovered += 1
                     except FileNotFoundError:
-                        pass
+                        continue
+                    if claim.host != names.HOST:
+                        log.warning(
+                            '%r: took over %s from host %s (pid %d): its '
+                            'claim was not renewed for the claim-lease of '
+                            '%gs', self, printable(claim.name),
+                            printable(claim.host), claim.pid,
+                            self.claim_lease)
         return recovered
 
     def _clean_tmp(self, now):
@@ -71,7 +83,7 @@ class Recovery:
             if entry is None:
                 self._report_once(name, "tmp/{} is not mailout's: left alone")
             elif isinstance(entry, names.Rewrite):
-                if self._owner_is_dead(entry.claim, now):
+                if self._owner_is_dead(entry.claim, now, path):
                     with self._entry_errors(name):
                         files.unlink(path)
             elif isinstance(entry, names.Marker) and entry.committed:
@@ -104,11 +116,16 @@ class Recovery:
             return now - files.mtime(path, now) > TMP_LIFETIME
         return entry.writer in dead
 
-    def _owner_is_dead(self, claim, now):
+    def _owner_is_dead(self, claim, now, rewrite=None):
         if claim.host != names.HOST:
-            # The rename that claimed (or rewrote) it set the file's ctime.
-            return now - files.ctime(self._area('cur', str(claim)), now) \
-                > CLAIM_LEASE
+            # The rename that claimed (or rewrote) it set the file's ctime,
+            # and its owner renews it (`renew_claims`).  A rewrite whose
+            # claim is gone counts from its own.
+            touched = files.ctime(self._area('cur', str(claim)), None)
+            if touched is None and rewrite is not None:
+                touched = files.ctime(rewrite, None)
+            return now - (now if touched is None else touched) \
+                > self.claim_lease
         if claim.pid == os.getpid():
             with self._claims_lock:
                 return claim.token != self.token \
