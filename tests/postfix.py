@@ -285,15 +285,19 @@ class Postfix:
         except (OSError, ValueError, IndexError):
             return None
 
-    def halt(self, timeout=30):
-        """Stop the instance (``postfix stop``, bounded) and wait until
-        every process of it (its master's process group) is gone; its
-        directory and queue stay, for `start`."""
+    def halt(self, timeout=30, kill=False):
+        """Stop the instance (``postfix stop``, bounded; ``kill``: SIGKILL
+        its master instead, as a crash would) and wait until every process
+        of it (its master's process group) is gone; its directory and
+        queue stay, for `start`."""
         if not self.started:
             return
         pid = self.master_pid
         group = self._group or pid
-        self.command('stop', check=False, timeout=timeout)
+        if kill and pid:
+            os.kill(pid, 9)
+        else:
+            self.command('stop', check=False, timeout=timeout)
         deadline = time.monotonic() + timeout
         while pid and _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -35,8 +35,9 @@ second; each child reports on stdout ("commit IDS" before, "committed TIME
 IDS" after the commit returned) while its processor delivers.  At set
 shares of the messages:
 
-1. once every relay carried mail, relay2 is stopped (``postfix stop``; the
-   harness waits until every process of that instance is gone);
+1. once every relay carried mail, relay2 is stopped (``postfix stop``, or
+   ``--relay-stop kill``: SIGKILL to its master; the harness waits until
+   every process of that instance is gone);
 2. at least ``--stop-seconds`` later, once the surviving relays carried
    mail accepted during the stop, relay2 is started again (its queue kept);
 3. once relay2 carried mail again, the last host stops committing, commits
@@ -435,6 +436,7 @@ class Summary:
         default_factory=collections.Counter)
     per_relay: dict = dataclasses.field(default_factory=dict)
     stopped_relay: str = ''
+    relay_stop: str = 'stop'
     stop_seconds: float = 0.0
     relay_queue_at_stop: int = 0    # kept by the stopped relay, sent later
     accepted_while_stopped: int = 0
@@ -487,7 +489,9 @@ class Summary:
                 f'{n} {cause}' for cause, n in sorted(
                     self.duplicates.items())) or 'none'),
             f'  messages per relay, by when the relay accepted them '
-            f'({self.stopped_relay} stopped for {self.stop_seconds:.1f} s):',
+            f'({self.stopped_relay} stopped for {self.stop_seconds:.1f} s, '
+            + ('"postfix stop"' if self.relay_stop == 'stop'
+               else 'its master killed') + '):',
         ]
         phases = ('before the stop', 'around the stop', 'during the stop',
                   'around the restart', 'after the restart')
@@ -574,7 +578,7 @@ class ScaleOut:
                  processes=2, connections=2, rate=40.0, queues='shared',
                  lease=3.0, down_time=2.0, stop_seconds=4.0,
                  restart_after=2.0, per_connection=10, poll=0.5,
-                 seed=None, verbose=False):
+                 relay_stop='stop', seed=None, verbose=False):
         if not 2 <= relays <= 3 or hosts < 2 or processes < 1:
             raise ValueError('2 or 3 relays, 2 hosts or more')
         self.directory = directory
@@ -588,6 +592,7 @@ class ScaleOut:
         self.down_time = down_time
         self.stop_seconds = stop_seconds
         self.restart_after = restart_after
+        self.relay_stop = relay_stop    # 'stop' or 'kill' (its master)
         self.per_connection = per_connection
         self.poll = poll
         self.seed = random.randrange(1 << 32) if seed is None else seed
@@ -610,7 +615,7 @@ class ScaleOut:
             messages=messages, relays=relays, hosts=hosts,
             processes=processes, connections=connections, queues=queues,
             seed=self.seed, features=self.features, host_ids=self.host_ids,
-            lease=self.lease)
+            lease=self.lease, relay_stop=relay_stop)
         self._started = time.monotonic()
         self._cap = 0
         self._handed = 0        # by the feeder, not trickled
@@ -798,7 +803,7 @@ class ScaleOut:
                 self.relay_carried(name, 0) for name in names),
             'every relay carried mail', timeout=60 + self.budget / 10)
         self.events['stop'] = time.time()
-        stopped.halt()
+        stopped.halt(kill=self.relay_stop == 'kill')
         self.events['stopped'] = time.time()
         self.say(f'{stopped.name} stopped')
 
@@ -1250,6 +1255,10 @@ def main(argv=None):
                         help='claim-lease (seconds), where supported')
     parser.add_argument('--stop-seconds', type=float, default=4.0,
                         help='relay2 stays stopped at least this long')
+    parser.add_argument('--relay-stop', choices=('stop', 'kill'),
+                        default='stop',
+                        help='stop relay2 with "postfix stop", or kill its '
+                             'master (SIGKILL)')
     parser.add_argument('--restart-after', type=float, default=2.0,
                         help='per-host queues: the killed host starts '
                              'again this long after the kill')
@@ -1268,7 +1277,8 @@ def main(argv=None):
                   processes=args.processes, connections=args.connections,
                   queues=args.queues, lease=args.lease,
                   stop_seconds=args.stop_seconds,
-                  restart_after=args.restart_after, seed=args.seed,
+                  restart_after=args.restart_after,
+                  relay_stop=args.relay_stop, seed=args.seed,
                   verbose=args.verbose)
     print(summary.text())
     return 1 if summary.failures else 0
