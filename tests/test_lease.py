@@ -42,7 +42,7 @@ def host_state(monkeypatch):
     """This process's host id as the test found it, put back after (a
     process fixes its host id once; these tests configure several)."""
     monkeypatch.setattr(names, 'HOST', names.HOST)
-    monkeypatch.setattr(names, '_host_fixed_by', None, raising=False)
+    monkeypatch.setattr(names, '_host_fixed_by', None)
     monkeypatch.delenv('MAILOUT_HOST_ID', raising=False)
 
 
@@ -132,12 +132,12 @@ def test_host_id_from_configuration_then_environment_then_default(
     build(str(tmp_path / 'q0'), sink.port)
     assert names.HOST == default
 
-    monkeypatch.setattr(names, '_host_fixed_by', None, raising=False)
+    monkeypatch.setattr(names, '_host_fixed_by', None)
     monkeypatch.setenv('MAILOUT_HOST_ID', 'from-env')
     build(str(tmp_path / 'q1'), sink.port)
     assert names.HOST == 'from-env'
 
-    monkeypatch.setattr(names, '_host_fixed_by', None, raising=False)
+    monkeypatch.setattr(names, '_host_fixed_by', None)
     _, queue = build(str(tmp_path / 'q2'), sink.port, host_id='from-key')
     assert names.HOST == 'from-key'
     [name] = enqueue(queue, 'x')
@@ -219,6 +219,19 @@ def test_recovery_uses_the_queues_lease(queue):
     assert queue.recover(now=time.time() + 1.5) == 0
     assert queue.recover(now=time.time() + 2.5) == 1
     assert queue.waiting() == [name]
+
+
+def test_orphaned_rewrite_of_another_host(queue):
+    """A rewrite another host left in tmp/ (it died writing it) whose claim
+    is gone (taken over) goes once it is older than the lease."""
+    claim = names.Claim('1.2_x.other-host', 'other-host', 123, 'abcd-0')
+    rewrite = os.path.join(queue.path, 'tmp', str(names.Rewrite(claim)))
+    open(rewrite, 'w').close()
+    queue.claim_lease = 2
+    queue.recover()
+    assert os.path.exists(rewrite)
+    queue.recover(now=time.time() + 2.5)
+    assert not os.path.exists(rewrite)
 
 
 @pytest.mark.parametrize('exchange', [True, False],
@@ -645,6 +658,7 @@ def freeze_and_take_over(tmp_path, start_sink, hosts, lease='2s',
           f'{sorted(duplicated)}; A logged {sent_twice} as sent after the '
           f'takeover, withdrew {withdrawn}')
     assert a.errors() == b.errors() == ''
+    assert b.text().count('took over') == len(held), b.text()
     assert set(counts) == set(range(count)), 'messages lost'
     assert max(counts.values()) <= 2
     assert duplicated <= held, (duplicated, held)
