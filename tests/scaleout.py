@@ -40,13 +40,18 @@ shares of the messages:
    every process of that instance is gone);
 2. at least ``--stop-seconds`` later, once the surviving relays carried
    mail accepted during the stop, relay2 is started again (its queue kept);
-3. once relay2 carried mail again, the last host stops committing, commits
-   one burst of messages, and its processes are frozen (SIGSTOP) until
-   they are seen holding claims in cur/, then killed (SIGKILL).  The other
-   hosts take its claims over (after the lease; by pid without one); with
-   per-host queues, the host is started again (``--restart-after``) and
-   recovers its own queue;
-4. the rest of the messages are handed out; then the harness waits until
+3. once relay2 carried mail again, where mailout has host ids and claim
+   leases (and the queue is shared): host-b stops committing, commits one
+   burst of messages, and its processes are frozen (SIGSTOP) until they
+   are seen holding claims in cur/; they stay frozen until the other hosts
+   took those claims over after the lease, then go on (SIGCONT): what
+   they had on the wire at the freeze may arrive twice, the rest they
+   withdraw (``--no-freeze``: skip this);
+4. the last host is caught holding claims in the same way, then killed
+   (SIGKILL).  The other hosts take its claims over (after the lease; by
+   pid without one); with per-host queues, the host is started again
+   (``--restart-after``) and recovers its own queue;
+5. the rest of the messages are handed out; then the harness waits until
    every committed message arrived, mailout's queues and Postfix's are
    empty (``postqueue -f`` first), and stops the processes.
 
@@ -58,21 +63,23 @@ The checks, per message:
   on the wire; relay2 stopped while it held a message whose final reply
   was not given: an extra copy from relay2 accepted around the stop, or
   the same Postfix queue id twice, Postfix to the sink) and the lease's (a
-  live owner whose claim was taken over, as its log says); any other extra
-  copy fails the run;
+  claim the frozen host had on the wire at the freeze, or a live owner
+  whose claim was taken over, as its log says); any other extra copy fails
+  the run;
 * nothing stuck: mailout's new/ cur/ deferred/ tmp/ failed/ held/ empty,
   every Postfix queue empty;
 * relay2 accepted nothing while stopped, the survivors carried mail
   during the stop, relay2 carried mail again after its restart;
-* each claim of the killed processes was delivered by another process;
+* each claim of the killed processes, and of the frozen ones, was
+  delivered by another process;
 * no child logged an error or a traceback.
 
 Figures printed: committed, delivered, duplicates by cause, messages per
 relay before, during and after the stop, how fast the survivors took over
 (first delivery through a survivor after the stop, the longest gap in
 deliveries after it, the latency of messages committed around it) and the
-lease takeover (the kill to the first delivery, by another process, of a
-message the killed host had claimed).
+lease takeover (the freeze, and the kill, to the first delivery by another
+process of a message the frozen, or the killed, host had claimed).
 
 Everything stops by itself: the sink and the children exit when their
 stdin closes (the harness is gone), and a watchdog process stops the
@@ -104,6 +111,12 @@ RECIPIENT = 'ann@example.org'
 _MESSAGE_ID = re.compile(rb'^Message-Id:\s*<([^>]+)>', re.I | re.M)
 #: The queue's warning when a claim comes back after its lease.
 _TOOK_OVER = re.compile(r' took over (\S+) from host (\S+) \(pid (\d+)\)')
+#: A sender's warning when it sent a message whose claim another host took
+#: over meanwhile (the lease ran out on it), and when it withdrew one.
+_TWICE = re.compile(r' <([^>]*)> \(queue id [^)]+\) was sent to .*'
+                    r'may arrive twice')
+_WITHDRAWN = re.compile(r' was taken over by another host before it was '
+                        r'sent')
 #: The processor's line for a message sent (INFO).
 _SENT = re.compile(r' sent <([^>]*)> \(queue id ([^)]+)\)')
 _RECEIVED = re.compile(
@@ -449,6 +462,14 @@ class Summary:
     relay_back_s: float = None      # restart -> first mail accepted by it
     mailout_log: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)
+    frozen_host: str = ''
+    frozen_pids: list = dataclasses.field(default_factory=list)
+    frozen_claims: int = 0
+    frozen_seconds: float = 0.0
+    frozen_taken_over: int = 0      # delivered by another process
+    frozen_first_s: float = None
+    frozen_last_s: float = None
+    frozen_sent_too: int = 0        # ... and by the frozen host as well
     killed_host: str = ''
     killed_pids: list = dataclasses.field(default_factory=list)
     killed_claims: int = 0
@@ -518,6 +539,17 @@ class Summary:
             '  mailout log (warnings): ' + (', '.join(
                 f'{n} {what}' for what, n in sorted(
                     self.mailout_log.items())) or 'none'),
+            (f'  freeze: {self.frozen_host} (pids '
+             f'{", ".join(map(str, self.frozen_pids))}) frozen (SIGSTOP) '
+             f'holding {self.frozen_claims} claim(s) for '
+             f'{self.frozen_seconds:.2f} s, past the lease: '
+             f'{self.frozen_taken_over} delivered by another host, first '
+             f'{_s(self.frozen_first_s)}, last {_s(self.frozen_last_s)} '
+             f'after the freeze; {self.frozen_sent_too} sent by the frozen '
+             'host too (on the wire at the freeze)'
+             if self.frozen_host else
+             '  freeze: none (needs host ids and claim leases, a shared '
+             'queue, 3 hosts)'),
             f'  kill: {self.killed_host} (pids '
             f'{", ".join(map(str, self.killed_pids))}) killed holding '
             f'{self.killed_claims} claim(s) (claims named '
@@ -578,7 +610,7 @@ class ScaleOut:
                  processes=2, connections=2, rate=40.0, queues='shared',
                  lease=3.0, down_time=2.0, stop_seconds=4.0,
                  restart_after=2.0, per_connection=10, poll=0.5,
-                 relay_stop='stop', seed=None, verbose=False):
+                 relay_stop='stop', freeze=True, seed=None, verbose=False):
         if not 2 <= relays <= 3 or hosts < 2 or processes < 1:
             raise ValueError('2 or 3 relays, 2 hosts or more')
         self.directory = directory
@@ -604,6 +636,10 @@ class ScaleOut:
         # another host's claims wait 600 s (queue.recovery.CLAIM_LEASE).
         self.host_ids = self.features['host-id'] \
             and self.features['claim-lease']
+        # A host frozen past the lease: only where another host can take
+        # its claims over.
+        self.freeze = freeze and self.host_ids and queues == 'shared' \
+            and hosts >= 3
         self.burst = min(max(30, messages // 10), 300)
         self.budget = messages - self.burst     # handed out by the feeder
         self.ledger = Ledger()
@@ -611,6 +647,9 @@ class ScaleOut:
         self.relays = []
         self.events = {}        # name -> time.time()
         self.killed_claims = {}     # claim file name -> message id
+        self.frozen_claims = {}     # the same, of the frozen host
+        self.frozen_labels = set()
+        self.claim_hosts = []
         self.summary = Summary(
             messages=messages, relays=relays, hosts=hosts,
             processes=processes, connections=connections, queues=queues,
@@ -829,6 +868,8 @@ class ScaleOut:
                 and c.accepted >= int(self.events['restart'])
                 for c in self.copies()),
             f'{stopped.name} carried mail again', timeout=90)
+        if self.freeze:
+            self.freeze_a_host()
         self.kill_a_host()
 
         # 4. The rest of the messages.
@@ -839,25 +880,74 @@ class ScaleOut:
             'every message handed out committed',
             timeout=60 + self.budget / self.rate * 3)
 
-    def kill_a_host(self):
-        host = self.host_names[-1]
-        victims = [c for c in self.children if c.host == host]
-        self.summary.killed_host = host
+    def caught_holding_claims(self, victims, burst):
+        """Stop ``victims`` committing, let the first commit ``burst``
+        messages (which keep every sender thread busy for a while, the
+        victims' too) and freeze them (SIGSTOP) until they are seen holding
+        claims; return those, ``{claim file: Message-Id}``, the victims
+        left frozen."""
         self.stop_committing(victims)
         for child in victims:
             if not child.wait_idle(60):
                 raise Failed(f'{child} did not finish its commits')
         for attempt in range(5):
-            # A burst keeps every sender thread busy for a while: the
-            # victims' too.
-            victims[0].send(self.burst)
+            victims[0].send(burst)
             if not victims[0].wait_idle(120):
                 raise Failed(f'{victims[0]} did not commit its burst')
-            self.burst_committed += self.burst
-            if self.freeze_and_kill(victims):
-                break
-        else:
-            raise Failed(f'{host} was never seen holding a claim')
+            self.burst_committed += burst
+            held = self.freeze_holding_claims(victims)
+            if held:
+                return held
+        raise Failed(f'{victims[0].host} was never seen holding a claim')
+
+    def freeze_a_host(self):
+        """Freeze one host (SIGSTOP) while it holds claims, until the other
+        hosts took them over after the lease; then let it go on."""
+        host = self.host_names[-2]
+        victims = [c for c in self.children if c.host == host]
+        pids = [c.pid for c in victims]
+        self.summary.frozen_host = host
+        held = self.caught_holding_claims(victims, max(self.burst // 2, 20))
+        self.events['freeze'] = time.time()
+        self.frozen_claims = held
+        self.frozen_labels = {c.label for c in victims}
+        self.summary.frozen_pids = sorted(pids)
+        self.say(f'{host} frozen holding {len(held)} claims')
+        cur = os.path.join(self.queue_path(host), 'cur')
+        try:
+            self.wait_until(
+                lambda: not any(os.path.lexists(os.path.join(cur, name))
+                                for name in held),
+                f'{host}\'s claims taken over while it was frozen',
+                timeout=self.lease * 3 + 30)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            self.events['thaw'] = time.time()
+        with self._feeding:
+            for child in victims:
+                child.committing = True
+        wanted = set(held.values())
+        self.wait_until(
+            lambda: wanted <= {c.mid for c in self.copies()
+                               if c.client.split('.')[0]
+                               not in self.frozen_labels},
+            f'{host}\'s claims delivered by others', timeout=60)
+
+    def kill_a_host(self):
+        host = self.host_names[-1]
+        victims = [c for c in self.children if c.host == host]
+        self.summary.killed_host = host
+        self.killed_claims = self.caught_holding_claims(victims, self.burst)
+        self.events['kill'] = time.time()
+        for child in victims:
+            os.kill(child.pid, signal.SIGKILL)
+            child.killed = True
+        for child in victims:
+            child.process.wait()
+            child.close()
+        self.summary.killed_pids = sorted(c.pid for c in victims)
+        self.summary.claim_hosts = self.claim_hosts
         self.say(f'{host} killed holding {len(self.killed_claims)} claims')
         if self.queues != 'shared':
             # Nobody else works that queue: the host starts again (the
@@ -875,9 +965,10 @@ class ScaleOut:
             'the killed host\'s claims delivered by others',
             timeout=60 + (self.lease or 0) * 3)
 
-    def freeze_and_kill(self, victims, attempts=200):
-        """Freeze ``victims`` until they are seen holding claims in cur/,
-        then kill them; False if they never were."""
+    def freeze_holding_claims(self, victims, attempts=200):
+        """Freeze ``victims`` until they are seen holding claims in cur/;
+        those claims (the victims left frozen), or {} if they never were
+        (thawed)."""
         pids = {c.pid for c in victims}
         for attempt in range(attempts):
             for pid in pids:
@@ -892,20 +983,11 @@ class ScaleOut:
                     os.kill(pid, signal.SIGCONT)
                 raise
             if held:
-                self.events['kill'] = time.time()
-                for child in victims:
-                    os.kill(child.pid, signal.SIGKILL)
-                    child.killed = True
-                for child in victims:
-                    child.process.wait()
-                    child.close()
-                self.killed_claims = held
-                self.summary.killed_pids = sorted(pids)
-                return True
+                return held
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
             time.sleep(self.rng.uniform(0.002, 0.02))
-        return False
+        return {}
 
     def claims_of(self, pids):
         """{claim file name: message id} of the claims of ``pids`` (frozen,
@@ -928,7 +1010,7 @@ class ScaleOut:
                 hosts.add(claim.host)
             if self.queues == 'shared':
                 break
-        self.summary.claim_hosts = sorted(hosts)
+        self.claim_hosts = sorted(hosts)
         return held
 
     def drain(self):
@@ -981,7 +1063,15 @@ class ScaleOut:
                     s.mailout_log[
                         'claims taken over from the killed host'
                         if took.group(3) in killed else
-                        'claims taken over from a live host'] += 1
+                        'claims taken over from the frozen host'
+                        if int(took.group(3)) in s.frozen_pids else
+                        'claims taken over from another live host'] += 1
+                    continue
+                if _TWICE.search(line):
+                    s.mailout_log['sent, though taken over meanwhile'] += 1
+                    continue
+                if _WITHDRAWN.search(line):
+                    s.mailout_log['withdrawn, taken over before sent'] += 1
                     continue
                 for what, pattern in (
                         ('deferred', ' deferred for '),
@@ -1021,6 +1111,8 @@ class ScaleOut:
             self._relay_figures(copies)
         if 'kill' in self.events:
             self._takeover(by_id)
+        if 'freeze' in self.events:
+            self._frozen(by_id)
         self._latency(by_id)
         if s.stuck:
             s.failures.append(f'stuck in mailout\'s queue: {s.stuck}')
@@ -1034,6 +1126,7 @@ class ScaleOut:
         s = self.summary
         killed = set(self.killed_claims.values())
         killed_labels = {c.label for c in self.children if c.killed}
+        frozen = set(self.frozen_claims.values())
         stop = self.events.get('stop')
         stopped = self.events.get('stopped')
         # Claims taken over from a live owner (the lease ran out while it
@@ -1041,6 +1134,7 @@ class ScaleOut:
         killed_pids = {str(c.pid) for c in self.children if c.killed}
         queue_names = {}            # queue id -> Message-Id
         live_takeovers = set()      # queue ids
+        twice = set()               # Message-Ids
         for child in self.children:
             for line in _read_text(child.stderr_path).splitlines():
                 sent = _SENT.search(line)
@@ -1049,7 +1143,11 @@ class ScaleOut:
                 took = _TOOK_OVER.search(line)
                 if took and took.group(3) not in killed_pids:
                     live_takeovers.add(took.group(1))
-        taken_over = {queue_names.get(name) for name in live_takeovers}
+                said = _TWICE.search(line)
+                if said and not child.killed:
+                    twice.add(said.group(1))
+        taken_over = twice | {queue_names.get(name)
+                              for name in live_takeovers}
         for mid, group in by_id.items():
             extra = len(group) - 1
             if extra <= 0:
@@ -1068,6 +1166,13 @@ class ScaleOut:
                                      for c in group):
                 # One copy from the killed process: it was on the wire.
                 causes.append('RFC 1047: killed host in flight')
+            if mid in frozen and any(
+                    c.client.split('.')[0] in self.frozen_labels
+                    for c in group):
+                # The frozen host sent it (it was on the wire at the
+                # freeze), another host after the lease.
+                causes.append('lease: frozen host, on the wire at the '
+                              'freeze')
             # Received's time is whole seconds (rounded down).
             if stop is not None and any(
                     c.relay == s.stopped_relay
@@ -1164,6 +1269,29 @@ class ScaleOut:
         if firsts:
             s.takeover_first_s = min(firsts)
             s.takeover_last_s = max(firsts)
+
+    def _frozen(self, by_id):
+        s = self.summary
+        s.frozen_claims = len(self.frozen_claims)
+        s.frozen_seconds = self.events['thaw'] - self.events['freeze']
+        firsts = []
+        for mid in set(self.frozen_claims.values()):
+            group = by_id.get(mid, ())
+            by_others = [c.arrived for c in group if c.client.split('.')[0]
+                         not in self.frozen_labels]
+            if any(c.client.split('.')[0] in self.frozen_labels
+                   for c in group) and by_others:
+                s.frozen_sent_too += 1
+            if by_others:
+                firsts.append(min(by_others) - self.events['freeze'])
+            else:
+                s.failures.append(f'freeze: {mid}, claimed by the frozen '
+                                  'host, was never delivered by another '
+                                  'host')
+        s.frozen_taken_over = len(firsts)
+        if firsts:
+            s.frozen_first_s = min(firsts)
+            s.frozen_last_s = max(firsts)
 
     def _recovery(self):
         if self.queues != 'shared':
@@ -1262,6 +1390,8 @@ def main(argv=None):
     parser.add_argument('--restart-after', type=float, default=2.0,
                         help='per-host queues: the killed host starts '
                              'again this long after the kill')
+    parser.add_argument('--no-freeze', action='store_true',
+                        help='do not freeze a host past the lease')
     parser.add_argument('--seed', type=int)
     parser.add_argument('--dir', help='work here and keep the files')
     parser.add_argument('-v', '--verbose', action='store_true')
@@ -1278,7 +1408,8 @@ def main(argv=None):
                   queues=args.queues, lease=args.lease,
                   stop_seconds=args.stop_seconds,
                   restart_after=args.restart_after,
-                  relay_stop=args.relay_stop, seed=args.seed,
+                  relay_stop=args.relay_stop, freeze=not args.no_freeze,
+                  seed=args.seed,
                   verbose=args.verbose)
     print(summary.text())
     return 1 if summary.failures else 0

@@ -1,6 +1,7 @@
 """Scale-out (issue 14, item 4): 3 hosts x 2 processes sharing one queue,
 3 real Postfix relays on 127.0.0.2-4; relay2 stopped mid-run and started
-again, one host killed (SIGKILL) while it holds claims.
+again, one host frozen past the claim lease (where mailout has one), one
+killed (SIGKILL), each while it holds claims.
 
 tests/scaleout.py does the work; MAILOUT_SCALEOUT_MESSAGES sets the size
 (CI: 600), ``python tests/scaleout.py --messages 20000 --rate 150`` is the
@@ -74,9 +75,14 @@ def test_shared_queue_relay_stop_and_host_kill(tmp_path, postfix_required):
     check(summary)
     if summary.host_ids:
         assert summary.claim_hosts == ['host-c']
-        # Held back by the lease (3 s, counted from the claim), not by pid.
+        # Held back by the lease (3 s, counted from the claim's last
+        # renewal), not by pid.
         assert summary.takeover_first_s > 1.0
         assert summary.takeover_last_s < summary.lease + 30
+        # host-b, frozen past the lease: the others took its claims.
+        assert summary.frozen_claims > 0
+        assert summary.frozen_taken_over == summary.frozen_claims
+        assert summary.frozen_first_s > 1.0
 
 
 def test_per_host_queues(tmp_path, postfix_required):
