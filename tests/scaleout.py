@@ -1,6 +1,7 @@
 """Scale-out harness: several app hosts working one queue through a farm of
-real Postfix relays; a relay stopped mid-run and started again, a host's
-processes killed with SIGKILL while they hold claims (issue 14, item 4).
+real Postfix relays; a relay stopped mid-run and started again, a host
+frozen past the claim lease and another killed with SIGKILL, each while it
+holds claims (issue 14, item 4).
 
 Run as ``python tests/scaleout.py`` (``--help`` for the options), e.g. the
 longer run ``python tests/scaleout.py --messages 20000 --rate 150``;
