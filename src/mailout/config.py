@@ -78,6 +78,36 @@ def host_id(value):
     return check_host_id(value)
 
 
+def relay_line(value):
+    """Datatype of an smtp-mailer's ``host`` line: ``host[:port]``, then
+    ``weight=N`` if given -> ``(host, port or None, weight)``."""
+    host, *options = value.split()
+    weight = None
+    for option in options:
+        name, sep, number = option.partition('=')
+        if not sep:
+            raise ValueError(f'not a host name or address: {value!r} (only '
+                             'weight=N may follow it)')
+        if name != 'weight':
+            raise ValueError(f'after the host only weight=N may follow, not '
+                             f'{option!r}')
+        if weight is not None:
+            raise ValueError('weight=N given twice')
+        weight = int(number) if number.isdigit() else 0
+        if weight < 1:
+            raise ValueError(f'weight must be a whole number of at least 1, '
+                             f'not {number!r}')
+    return (*relay_host(host), weight or 1)
+
+
+def non_negative_integer(value):
+    """Datatype of counts where 0 means none or no limit."""
+    number = int(value)
+    if number < 0:
+        raise ValueError(f'must be 0 or more, not {number}')
+    return number
+
+
 def address(value):
     """An e-mail address (``redirect-to``), checked as send() checks one."""
     from mailout.interfaces import InvalidAddress
@@ -117,6 +147,8 @@ class SMTPMailerSettings:
     messages_per_connection: int
     pipelining: bool
     smtputf8: bool
+    weights: tuple = ()     # one a host, as its weight=N says (default 1)
+    max_connections_per_relay: int = 0
 
     @classmethod
     def from_section(cls, section):
@@ -129,9 +161,11 @@ class SMTPMailerSettings:
                 and not section.username:
             raise ZConfig.ConfigurationError(
                 f'smtp-mailer {name!r}: a password needs a username')
+        lines = section.hosts or [('localhost', None, 1)]
         return _settings(
             cls, section,
-            hosts=tuple(section.hosts) or (('localhost', None),),
+            hosts=tuple((host, port) for host, port, _ in lines),
+            weights=tuple(weight for _, _, weight in lines),
             tls=section.tls or ('starttls' if section.username
                                 else 'opportunistic'))
 

@@ -16,7 +16,8 @@ not stop replying is rested like one that timed out.
 
 The SMTP mailer is cut into parts other transports reuse:
 
-- `relays`: which relay a new connection goes to, and which rest (in
+- `relays`: which relay a new connection goes to (by weight, each address
+  of a host name), which rest and how many connections each has open (in
   memory, or in a store the processes working one queue share);
 - `connection`: smtplib's connections with bounded replies;
 - `session`: connect, greet, STARTTLS, AUTH, and what they achieved;
@@ -31,10 +32,11 @@ from mailout.mailers.connection import MAX_REPLY_SIZE  #: bytes of a reply
 from mailout.mailers.connection import RelayStalled  #: a stalled relay
 from mailout.mailers.lmtp import LMTPMailer  #: LMTP, e.g. to Mailman
 from mailout.mailers.relays import RelayRotation  #: relays in turn, rests
+from mailout.mailers.relays import RelaysBusy  #: none tried: all full
 from mailout.mailers.relays import RelaysResting  #: none tried: all rest
 from mailout.mailers.sendmail import SendmailMailer  #: the sendmail program
 from mailout.mailers.smtp import SMTPMailer  #: SMTP relays
 
 __all__ = ['LMTPMailer', 'MAX_CHALLENGES', 'MAX_REPLY_SIZE', 'Mailer',
-           'RelayRotation', 'RelayStalled', 'RelaysResting', 'SMTPMailer',
-           'SendmailMailer', 'send_each']
+           'RelayRotation', 'RelayStalled', 'RelaysBusy', 'RelaysResting',
+           'SMTPMailer', 'SendmailMailer', 'send_each']

@@ -5,6 +5,8 @@ command having been sent (the greeting: of the connection being made) and
 be at most `MAX_REPLY_SIZE` bytes; a relay that stalls, trickles or does
 not stop replying raises `RelayStalled`, a timeout, so that the mailer
 rests the relay like one that timed out.  Credentials are sent as UTF-8.
+A connection may go to one address of the host name (``connect_to``): the
+name is still the one TLS checks the certificate against.
 """
 import base64
 import hmac
@@ -37,6 +39,15 @@ class BoundedReplies:
     a reply however many come, and reports a read or send that timed out as
     SMTPServerDisconnected, which is no reason to rest a relay.
     """
+
+    def __init__(self, *args, connect_to=None, **kwargs):
+        #: The address connected to instead of the host name (None: the
+        #: name); smtplib checks the certificate against the name.
+        self.connect_to = connect_to
+        super().__init__(*args, **kwargs)
+
+    def _get_socket(self, host, port, timeout):
+        return super()._get_socket(self.connect_to or host, port, timeout)
 
     def getreply(self):
         if self.file is None:   # smtplib resets it for a new socket or TLS

@@ -40,5 +40,5 @@ class LMTPMailer(SMTPMailer):
     def __repr__(self):
         return f'<LMTPMailer {self.name!r} {self.settings.destination}>'
 
-    def _open(self, host, port, settings):
-        return session.open_lmtp(host, port, settings)
+    def _open(self, host, port, settings, ip=None):
+        return session.open_lmtp(host, port, settings, ip)

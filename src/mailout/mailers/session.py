@@ -32,20 +32,22 @@ def connect(open, host, port, settings):
     raise TransientDeliveryError((None, reason))
 
 
-def open_smtp(host, port, settings, context):
+def open_smtp(host, port, settings, context, ip=None):
     """An SMTP session: greeted, encrypted and authenticated as
-    ``settings`` (an smtp-mailer's) say; ``context`` for TLS."""
+    ``settings`` (an smtp-mailer's) say; ``context`` for TLS; to ``ip``,
+    one of ``host``'s addresses, if given."""
     s = settings
     local_hostname = s.local_hostname or fqdn()
     if s.tls == 'ssl':
         connection = SMTPSSLConnection(host, port,
                                        local_hostname=local_hostname,
-                                       timeout=s.timeout, context=context)
+                                       timeout=s.timeout, context=context,
+                                       connect_to=ip)
     else:
         connection = SMTPConnection(host, port, local_hostname=local_hostname,
-                                    timeout=s.timeout)
+                                    timeout=s.timeout, connect_to=ip)
     try:
-        connection.ehlo_or_helo_if_needed()
+        greet(connection)
         encrypted = s.tls == 'ssl'
         if s.tls in ('starttls', 'opportunistic'):
             if connection.has_extn('starttls'):
@@ -68,18 +70,34 @@ def open_smtp(host, port, settings, context):
     return connection
 
 
-def open_lmtp(host, port, settings):
+def open_lmtp(host, port, settings, ip=None):
     """An LMTP session, greeted (LHLO).  A ``host`` starting with "/" is a
     unix socket (smtplib.LMTP's rule)."""
     connection = LMTPConnection(host, port or 0,
                                 local_hostname=settings.local_hostname
-                                or fqdn(), timeout=settings.timeout)
+                                or fqdn(), timeout=settings.timeout,
+                                connect_to=ip)
     try:
-        connection.ehlo_or_helo_if_needed()     # LHLO
+        greet(connection)                       # LHLO
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def greet(connection):
+    """EHLO (LMTP: LHLO), or HELO where the server does not know EHLO
+    (smtplib's ehlo_or_helo_if_needed).  But a 4xx reply to EHLO (421:
+    closing, overloaded) says "not now", not "say HELO": it is raised as
+    `smtplib.SMTPHeloError`, so the relay rests with that reply as the
+    reason."""
+    code, reply = connection.ehlo()
+    if 400 <= code < 500:
+        raise smtplib.SMTPHeloError(code, reply)
+    if not 200 <= code < 300:
+        code, reply = connection.helo()
+        if not 200 <= code < 300:
+            raise smtplib.SMTPHeloError(code, reply)
 
 
 def negotiated(connection, settings):

@@ -33,10 +33,13 @@ from mailout.mailers.transaction import Transaction
 class ThreadConnection(threading.local):
     """The calling thread's session with a relay, kept open between
     messages: the connection cache.  A connection whose socket is None was
-    ended (by the transaction or smtplib) and is not reused."""
+    ended (by the transaction or smtplib) and is not reused.  ``release``
+    frees the connection's slot (max-connections-per-relay) once it is
+    closed."""
 
     connection = None
     relay = None
+    release = None
     sent = 0
 
     def reusable(self, limit):
@@ -46,15 +49,19 @@ class ThreadConnection(threading.local):
             self.end()
         if self.connection is not None and self.connection.sock is None:
             self.connection = None
+            self._release()
         return self.connection
 
-    def keep(self, connection, relay):
+    def keep(self, connection, relay, release=None):
+        self.end()
         self.connection, self.relay, self.sent = connection, relay, 0
+        self.release = release
 
     def end(self):
         connection, self.connection = self.connection, None
         if connection is not None:
             session.end(connection)
+        self._release()
 
     def drop(self):
         """Close the connection without a word (QUIT could be taken for
@@ -62,14 +69,39 @@ class ThreadConnection(threading.local):
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.close()
+        self._release()
+
+    def _release(self):
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
+class Lost(Exception):
+    """The session with ``relay`` was lost (closed, reset, timed out) after
+    it was set up, or the relay turned it away at once (421 to the first
+    MAIL).  ``error`` is the message's outcome unless another relay takes
+    it, ``reason`` why the relay rests; ``following`` is the next
+    envelope, taken meanwhile and not sent; ``timed_out``: the relay
+    stalled (it rests whatever happens next)."""
+
+    def __init__(self, relay, reason, error, following=None,
+                 timed_out=False):
+        super().__init__(reason)
+        self.relay, self.reason, self.error = relay, reason, error
+        self.following, self.timed_out = following, timed_out
 
 
 class SMTPMailer(Mailer):
     """Deliver over SMTP or SMTPS, with STARTTLS and AUTH as configured.
 
-    With several relays, new connections go to each in turn; a relay that
-    fails to connect or stalls past the timeout is left alone for
-    ``down-time`` while the others take its share.
+    With several relays, new connections go to each in turn (in
+    proportion to their weights; each address of a host name with several
+    is a relay of its own), at most ``max-connections-per-relay`` open to
+    one at a time; a relay that fails to connect, turns the session away
+    (421) or stalls past the timeout is left alone for ``down-time`` while
+    the others take its share.  A message whose session was lost goes out
+    through another relay at once, and the relay that lost it rests.
 
     ``send(..., all_or_none=True)`` (what a direct delivery asks for) sends
     nothing when any recipient is refused at RCPT.
@@ -83,8 +115,12 @@ class SMTPMailer(Mailer):
         self.settings = settings
         self.name = settings.name
         self.smtputf8 = settings.smtputf8
-        self.rotation = RelayRotation(settings.relays, settings.down_time,
-                                      self)
+        self.rotation = RelayRotation(
+            settings.relays, settings.down_time, self,
+            weights=getattr(settings, 'weights', None), resolve=True,
+            max_connections=getattr(settings, 'max_connections_per_relay',
+                                    0),
+            wait=settings.timeout)
         self._local = ThreadConnection()
         os.register_at_fork(after_in_child=self._after_fork)
         # An LMTP mailer's settings have no password.
@@ -145,25 +181,82 @@ class SMTPMailer(Mailer):
         with the previous message), and the next envelope if it was taken
         from ``envelopes`` meanwhile, with its transaction if begun."""
         local = self._local
-        reused = begun is not None or local.reusable(
-            self.settings.messages_per_connection) is not None
-        for fresh in (False, True) if reused else (True,):
-            if fresh:
-                try:
-                    local.keep(*self.rotation.connect(self._connect_to))
-                except TransientDeliveryError as e:
-                    return e, None, None
+        if begun is not None or local.reusable(
+                self.settings.messages_per_connection) is not None:
             try:
-                return self._transact(envelope, None if fresh else begun,
-                                      all_or_none, envelopes, still_wanted)
-            except Reconnect as e:
-                # The server closed the session before MAIL FROM was
-                # accepted: nothing was sent, so a kept one is replaced.
+                return self._transact(envelope, begun, all_or_none,
+                                      envelopes, still_wanted)
+            except Reconnect:
+                # The server closed the kept session before MAIL FROM was
+                # accepted (Postfix closes an idle one, saying 421):
+                # nothing was sent, a new session takes the message.
                 self.close()
-                cause = e.__cause__
-        if not isinstance(cause, TransientDeliveryError):
-            cause = TransientDeliveryError((None, describe(cause)))
-        return cause, None, None
+            except Lost as lost:
+                return self._fail_over(lost, envelope, all_or_none,
+                                       envelopes, still_wanted)
+        try:
+            local.keep(*self.rotation.lease(self._connect_to))
+        except TransientDeliveryError as e:
+            return e, None, None
+        try:
+            return self._transact(envelope, None, all_or_none, envelopes,
+                                  still_wanted)
+        except (Reconnect, Lost) as e:
+            # A new session lost, or turned away at the first MAIL: the
+            # relay is as good as dead.
+            return self._fail_over(self._as_lost(e), envelope, all_or_none,
+                                   envelopes, still_wanted)
+
+    def _fail_over(self, lost, envelope, all_or_none, envelopes,
+                   still_wanted):
+        """`_deliver` after ``lost``: the message is sent once more, at
+        once, over a new session with another relay, and the relay that
+        lost it rests.  When no other relay is up, the outcome is
+        ``lost.error`` and the relay rests only if it stalled, as with a
+        single relay: the next message tries it again (one lost session
+        is no outage, and the probes only wake messages that waited).
+
+        Sending again at once after a session lost past the final dot is
+        no worse than the later retry, which would send it again too: the
+        relay may have it either way (RFC 1047), so the duplicate risk is
+        the same, and the message is not held back for a backoff by a
+        relay that died.  A following message whose commands went out but
+        whose content did not is simply sent again (after this one, as
+        ``following``)."""
+        local = self._local
+        self.close()
+        try:
+            local.keep(*self.rotation.lease(self._connect_to,
+                                            avoid=[lost.relay]))
+        except TransientDeliveryError:
+            if lost.timed_out:
+                self.rotation.mark_down(lost.relay, lost.reason)
+            return lost.error, lost.following, None
+        self.rotation.mark_down(lost.relay, lost.reason)
+        more = envelopes if lost.following is None else iter(())
+        try:
+            outcome, following, begun = self._transact(
+                envelope, None, all_or_none, more, still_wanted)
+        except (Reconnect, Lost) as e:
+            again = self._as_lost(e)
+            self.close()
+            if again.timed_out:
+                self.rotation.mark_down(again.relay, again.reason)
+            return again.error, lost.following or again.following, None
+        if lost.following is not None:
+            return outcome, lost.following, None
+        return outcome, following, begun
+
+    def _as_lost(self, error):
+        """`Lost` for a `Lost` or for a `Reconnect` of a new session."""
+        if isinstance(error, Lost):
+            return error
+        cause = error.__cause__
+        if isinstance(cause, TransientDeliveryError):
+            return Lost(self._local.relay, str(cause), cause)
+        reason = describe(cause)
+        return Lost(self._local.relay, reason,
+                    TransientDeliveryError((None, reason)))
 
     def _transact(self, envelope, begun, all_or_none, envelopes,
                   still_wanted):
@@ -182,7 +275,7 @@ class SMTPMailer(Mailer):
         except DeliveryError as e:
             return e, None, None
         except (smtplib.SMTPException, OSError) as e:
-            return self._lost(e), None, None
+            raise self._lost(e) from e
         if still_wanted is not None and not still_wanted(envelope):
             # The server waits for the content: only a dropped connection
             # ends the transaction without sending anything.
@@ -202,19 +295,19 @@ class SMTPMailer(Mailer):
             # If the final dot went out, the relay may have the message:
             # RFC 1047's window, and the one case where a retry can send it
             # twice.  The following message was not sent: it goes again.
-            return self._lost(e), following, None
+            raise self._lost(e, following) from e
         return outcome, following, \
             follow if connection.sock is not None else None
 
-    def _lost(self, error):
+    def _lost(self, error, following=None):
         """The session was lost or timed out mid-transaction: end it; the
-        error for the message (a stalled relay rests)."""
+        `Lost` to raise."""
         relay = self._local.relay
         self.close()
         reason = describe(error)
-        if isinstance(error, socket.timeout):
-            self.rotation.mark_down(relay, reason)
-        return TransientDeliveryError((None, f'{address(relay)}: {reason}'))
+        return Lost(relay, reason, TransientDeliveryError(
+            (None, f'{address(relay)}: {reason}')), following,
+            isinstance(error, socket.timeout))
 
     def _follow(self, connection, envelope):
         """The pipelined transaction of ``envelope``, to begin with the
@@ -238,7 +331,9 @@ class SMTPMailer(Mailer):
         return self._local.connection
 
     def probe(self, timeout: Optional[float] = None) -> list[dict[str, Any]]:
-        return self._probe(self.settings.relays, timeout)
+        """`IMailoutMailer.probe`: each relay, each address of a host name
+        with several (its result then says which: ``address``)."""
+        return self._probe([r for r, _ in self.rotation.members()], timeout)
 
     def probe_resting(self, timeout: Optional[float] = None
                       ) -> list[dict[str, Any]]:
@@ -246,30 +341,44 @@ class SMTPMailer(Mailer):
         seconds, while messages wait for them): one that answers is back.
         """
         resting = set(self.rotation.resting())
-        return self._probe([r for r in self.settings.relays
+        return self._probe([r for r, _ in self.rotation.members()
                             if address(r) in resting], timeout)
 
     def _probe(self, relays, timeout):
         settings = self.settings if timeout is None else \
             dataclasses.replace(self.settings, timeout=timeout)
         results = []
-        for host, port in relays:
-            result = dict(host=host, port=port, ok=False, server=None,
-                          tls=None, auth=None, error=None)
+        for relay in relays:
+            result = dict(host=relay[0], port=relay[1], ok=False,
+                          server=None, tls=None, auth=None, error=None)
+            if getattr(relay, 'several', False):
+                result['address'] = relay.ip
             started = time.monotonic()
-            try:
-                connection = self.connect(host, port, settings)
-            except TransientDeliveryError as e:
-                result['error'] = e.reply[1]
-                self.rotation.still_down((host, port), e.reply[1])
+            slot = self.rotation.slot(relay)
+            if slot is None:
+                # Its connections are all open: it answers.
+                result['error'] = (f'all {self.rotation.max_connections} '
+                                   'connections open '
+                                   '(max-connections-per-relay)')
             else:
-                result.update(ok=True,
-                              **session.negotiated(connection, settings))
-                session.end(connection)
-                self.rotation.came_up((host, port))
+                try:
+                    self._probe_one(relay, settings, result)
+                finally:
+                    slot.release()
             result['seconds'] = round(time.monotonic() - started, 3)
             results.append(result)
         return results
+
+    def _probe_one(self, relay, settings, result):
+        try:
+            connection = self._connect_to(relay, settings)
+        except TransientDeliveryError as e:
+            result['error'] = e.reply[1]
+            self.rotation.still_down(relay, e.reply[1])
+        else:
+            result.update(ok=True, **session.negotiated(connection, settings))
+            session.end(connection)
+            self.rotation.came_up(relay)
 
     def share_relay_state(self, store) -> None:
         """Keep the relays' rests in ``store``, which the processes working
@@ -281,19 +390,21 @@ class SMTPMailer(Mailer):
         but no connection has ended it yet."""
         return self.rotation.resting()
 
-    def connect(self, host, port, settings=None):
-        """A new session with one relay: greeted, encrypted and
-        authenticated as configured (the caller ends it).  Raises
-        `TransientDeliveryError` saying what failed."""
-        return session.connect(self._open, host, port,
-                               settings or self.settings)
+    def connect(self, host, port, settings=None, ip=None):
+        """A new session with one relay (at ``ip``, one of the host's
+        addresses, if given): greeted, encrypted and authenticated as
+        configured (the caller ends it).  Raises `TransientDeliveryError`
+        saying what failed."""
+        return session.connect(functools.partial(self._open, ip=ip), host,
+                               port, settings or self.settings)
 
-    def _connect_to(self, relay):
-        return self.connect(*relay)
+    def _connect_to(self, relay, settings=None):
+        return self.connect(relay[0], relay[1], settings,
+                            getattr(relay, 'ip', None))
 
-    def _open(self, host, port, settings):
+    def _open(self, host, port, settings, ip=None):
         context = self._tls_context if settings.tls != 'none' else None
-        return session.open_smtp(host, port, settings, context)
+        return session.open_smtp(host, port, settings, context, ip)
 
     @functools.cached_property
     def _tls_context(self):

@@ -19,14 +19,26 @@ Writers do not lock: two processes recording two relays at the same moment
 may lose one record.  Each process corrects that on its next connection
 (a success ends a rest still recorded, a failure records a new one), so a
 lost record costs at most one connection's worth of waiting.
+
+The same processes count their connections to each relay here, when the
+mailer limits them (``max-connections-per-relay``): slot N of a relay is
+the file ``relay-slots/RELAY.N``, and a connection holds it open with an
+exclusive ``flock`` for as long as the connection is open.  The kernel
+drops the lock when the file is closed or its process ends, kill -9
+included, so a dead process holds no slot and nothing needs cleaning up.
 """
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
+import urllib.parse
 import uuid
+import weakref
 from typing import Any
 from typing import Optional
 
@@ -37,6 +49,9 @@ log = logging.getLogger('mailout.queue')
 
 #: The file's name in the queue directory.
 FILENAME = 'relays.json'
+
+#: The directory of the relays' connection slots in the queue directory.
+SLOTS = 'relay-slots'
 
 Record = dict[str, Any]
 
@@ -50,6 +65,7 @@ class RelayStates:
         self._cached: tuple[Optional[tuple], dict[str, Record]] = (None, {})
         self._lock = threading.Lock()
         self._complained = False
+        self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def __repr__(self) -> str:
@@ -57,6 +73,40 @@ class RelayStates:
 
     def _after_fork(self):
         self._lock = threading.Lock()
+        # The parent's connections are not the child's: close the child's
+        # copies of their slots' files, which frees nothing while the
+        # parent has them open (flock(2)).
+        for slot in list(self._slots):
+            slot.release()
+
+    def slot(self, relay: str, limit: int) -> Optional['Slot']:
+        """One of the ``limit`` connection slots of ``relay``, held until
+        its `Slot.release` (or the end of this process); None when every
+        one is held, by any process working the queue."""
+        directory = os.path.join(self.directory, SLOTS)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                raise QueueError(f'{directory} is not a directory (a '
+                                 'link?)') from None
+        name = urllib.parse.quote(relay, safe='[]:')
+        for number in range(limit):
+            fd = os.open(os.path.join(directory, f'{name}.{number}'),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue
+                raise
+            slot = Slot(fd)
+            with self._lock:
+                self._slots.add(slot)
+            return slot
+        return None
 
     def load(self) -> dict[str, Record]:
         """``{relay: record}`` as the file says now (a copy); empty if
@@ -115,6 +165,22 @@ class RelayStates:
         except OSError:
             files.unlink(aside)
             raise
+
+
+class Slot:
+    """A connection slot held: an open file locked with ``flock``."""
+
+    def __init__(self, fd: int):
+        self.fd: Optional[int] = fd
+
+    def release(self) -> None:
+        """Free the slot (closing the file drops the lock)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # A thread that ended without closing its connection.
+    __del__ = release
 
 
 def _valid(data):
