@@ -6,11 +6,12 @@ options); tests/test_crash.py runs a shorter loop.
 
 Each iteration starts a real child process (``crashloop.py --child``) that
 builds mailout from a config file (a queued delivery with its processor on,
-1 or 8 sender threads, so the child both commits and delivers, its threads
-woken together by each commit, recovery every 50 ms) and runs random
-transactions of 1-5 messages: most commit, some abort, some fail in the
-vote of another resource manager (before or after mailout's vote), some
-roll a savepoint back past some of their messages.  It reports on stdout, one flushed line each::
+1 or 8 sender threads, pipelining on or off, so the child both commits and
+delivers, its threads woken together by each commit, recovery every 50 ms)
+and runs random transactions of 1-5 messages: most commit, some abort, some
+fail in the vote of another resource manager (before or after mailout's
+vote), some roll a savepoint back past some of their messages.  It reports
+on stdout, one flushed line each::
 
     send ID RCPT,RCPT   before send()
     commit ID ...       before transaction.commit()
@@ -21,19 +22,34 @@ roll a savepoint back past some of their messages.  It reports on stdout, one fl
 
 The harness SIGKILLs the child at a random moment: a random delay after it
 is ready, or just after its k-th "commit" or "committed" line.  Then it
-notes the claims the dead child held in ``cur/`` (messages in flight: the
-only ones that may arrive twice, RFC 1047's window between the relay's
-reply and the queue update), and either drains the queue itself
-(``recover`` + ``run_once``) and checks everything, or leaves recovery to
-the next child, which may be killed in turn.
+makes sure the sink has read what the dead child's connections sent (one
+message of its own, `SinkProcess.sync`) and sorts the claims the dead child
+held in ``cur/`` (messages in flight) by what the sink has:
+
+* "end-of-data reply outstanding": the sink has a copy of the message for
+  the claim's recipients beyond those already accounted for, so its final
+  dot went out and the queue was not updated yet (RFC 1047's window
+  between the relay's reply and the queue update): the one case where one
+  more copy is allowed, for those recipients;
+* "commands or nothing sent": the sink has no new copy (nothing of the
+  message went out yet, or its commands, or part of its content; with
+  pipelining, its MAIL, RCPT and DATA went out with the previous message's
+  content; or the sink deferred it): it must not arrive twice.
+
+With pipelining (RFC 2920) a sender thread holds up to two claims: the
+message whose end-of-data reply it waits for, and the next one, whose
+commands went out with that message's content.  Without, one.  The
+harness then either drains the queue itself (``recover`` + ``run_once``)
+and checks everything, or leaves recovery to the next child, which may be
+killed in turn.
 
 The sink (``crashloop.py --sink``) is a small aiosmtpd server of its own: it
-records each accepted message (Message-Id and recipients) before it
-replies, is slow at DATA (each reply to the final dot waits
-``--data-delay-ms``, 10 ms by default, and sometimes up to 20 ms more: all
-8 threads of a child are mostly inside that window when it is killed),
-refuses ``flaky@`` recipients with 451 now and then (partial deferral) and
-sometimes answers 451 after DATA (whole deferral).
+offers PIPELINING, records each accepted message (Message-Id and
+recipients) before it replies, is slow at DATA (each reply to the final
+dot waits ``--data-delay-ms``, 10 ms by default, and sometimes up to 20 ms
+more: all 8 threads of a child are mostly inside that window when it is
+killed), refuses ``flaky@`` recipients with 451 now and then (partial
+deferral) and sometimes answers 451 after DATA (whole deferral).
 
 The promises checked (DESIGN.md section 3, items 1-3), per message and
 recipient:
@@ -43,10 +59,16 @@ recipient:
   never arrived;
 * the messages of the commit the child was in when killed arrived at most
   once (or not at all);
-* a message arrived more than once only if it was in flight (claimed by a
-  killed process) that many times; those duplicates are counted apart;
-* a killed child held at most one claim a sender thread;
+* a message arrived more than once only if its end-of-data reply was
+  outstanding at that many kills (its claim was "reply outstanding");
+  those duplicates are counted apart, by mode (pipelining or not); any
+  other is a failure ("duplicate");
+* a killed child held at most one "reply outstanding" claim a sender
+  thread, and at most one claim a thread without pipelining, two with;
 * after each drain by the harness nothing is left in the queue (stuck).
+
+The summary counts, for children with pipelining and without apart, the
+kills, the claims held (of each kind) and the duplicates.
 """
 import argparse
 import collections
@@ -76,10 +98,10 @@ _MESSAGE_ID = re.compile(rb'^Message-Id:\s*<([^>]+)>', re.I | re.M)
 # -- the sink -----------------------------------------------------------------
 
 def sink_main(records_path, seed, data_delay=0.0):
-    """An SMTP server on 127.0.0.1 (ephemeral port, printed on stdout) that
-    appends one JSON line per accepted message to ``records_path`` before
-    it replies, ``data_delay`` seconds or more later; exits when stdin
-    closes.
+    """An SMTP server on 127.0.0.1 (ephemeral port, printed on stdout),
+    offering PIPELINING, that appends one JSON line per accepted message to
+    ``records_path`` before it replies, ``data_delay`` seconds or more
+    later; exits when stdin closes.
 
     Not tests/smtpsink.py with options, because what the crash loop checks
     rests on three things that sink does not do: one random stream, seeded
@@ -101,6 +123,13 @@ def sink_main(records_path, seed, data_delay=0.0):
     records = open(records_path, 'a')
 
     class Handler:
+        async def handle_EHLO(self, server, session, envelope, hostname,
+                              responses):
+            # RFC 2920; aiosmtpd reads pipelined commands as they come.
+            session.host_name = hostname
+            responses.insert(-1, '250-PIPELINING')
+            return responses
+
         async def handle_RCPT(self, server, session, envelope, address,
                               options):
             if address == FLAKY and rng.random() < 0.2:
@@ -342,6 +371,34 @@ class ChildProcess:
 
 # -- the harness --------------------------------------------------------------
 
+#: How a child's sender threads send: a mode has its own counts.
+PIPELINING, NO_PIPELINING = 'pipelining', 'no pipelining'
+
+
+@dataclasses.dataclass
+class ModeCounts:
+    """What the kills of the children of one mode found in cur/."""
+    kills: int = 0
+    claims: int = 0                 # held by the killed children
+    most_claims: int = 0            # by one child
+    kills_over_threads: int = 0     # a child held more claims than threads
+    reply_outstanding: int = 0      # claims whose final dot reached the sink
+    most_reply_outstanding: int = 0     # by one child
+    commands_or_nothing: int = 0    # claims the sink had no new copy of
+    recipients_allowed: int = 0     # one more copy, reply outstanding
+    duplicates: int = 0             # extra copies that came (x recipient)
+
+    def text(self):
+        return (f'{self.kills} kills, {self.claims} claims held (at most '
+                f'{self.most_claims} in one child, more than its sender '
+                f'threads at {self.kills_over_threads} kills): '
+                f'{self.reply_outstanding} with the end-of-data reply '
+                f'outstanding (at most {self.most_reply_outstanding} in one '
+                f'child), {self.commands_or_nothing} with commands or nothing'
+                f' sent; {self.recipients_allowed} recipients allowed one more'
+                f' copy, {self.duplicates} duplicates came')
+
+
 @dataclasses.dataclass
 class Summary:
     iterations: int = 0
@@ -353,6 +410,8 @@ class Summary:
         default_factory=collections.Counter)
     recovered_by: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)
+    modes: dict = dataclasses.field(default_factory=lambda: {
+        PIPELINING: ModeCounts(), NO_PIPELINING: ModeCounts()})
     claims_in_flight: int = 0       # claims held by killed children
     most_claims_at_a_kill: int = 0  # by one child
     recipients_in_flight: int = 0   # their recipients
@@ -394,6 +453,8 @@ class Summary:
             f'{self.most_claims_at_a_kill} in one child), '
             f'{self.tmp_files_at_kill} voted files in tmp/, '
             f'{self.rewrites_at_kill} claim rewrites in tmp/',
+            *(f'  {mode}: {counts.text()}'
+              for mode, counts in self.modes.items()),
             f'  recovery: {r}',
             f'  messages committed (commit returned): {self.committed}, '
             f'delivered: {self.committed_delivered}',
@@ -405,9 +466,9 @@ class Summary:
             f'{self.not_to_send - self.not_to_send_delivered}',
             f'  copies received (message x recipient): '
             f'{self.recipient_copies}',
-            f'  duplicates: {self.duplicates_in_flight} of messages in '
-            'flight at a kill (RFC 1047 window, allowed), '
-            f'{self.duplicates_other} other',
+            f'  duplicates: {self.duplicates_in_flight} of messages whose '
+            'end-of-data reply was outstanding at a kill (RFC 1047 window, '
+            f'allowed), {self.duplicates_other} other',
             f'  stuck in the queue after the last drain: {self.stuck}',
             f'  child errors logged: {self.child_errors}',
             f'  failures: {len(self.failures)}' + (' (' + ', '.join(
@@ -425,6 +486,7 @@ CONFIG = '''<mailout>
   host 127.0.0.1:{port}
   tls none
   timeout 10s
+  pipelining {pipelining}
 </smtp-mailer>
 <queued-delivery crash>
   mailer relay
@@ -436,6 +498,23 @@ CONFIG = '''<mailout>
 </queued-delivery>
 </mailout>
 '''
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A child's config: its sender threads and whether they pipeline."""
+    connections: int
+    pipelining: bool
+
+    @property
+    def name(self):
+        return PIPELINING if self.pipelining else NO_PIPELINING
+
+    @property
+    def most_claims(self):
+        """Claims a child may hold: two a thread with pipelining."""
+        return self.connections * (2 if self.pipelining else 1)
+
 
 class CrashLoop:
 
@@ -454,6 +533,7 @@ class CrashLoop:
         self.rcpts = {}         # message id -> recipients
         self.groups = {}        # message id -> the ids of its transaction
         self.allowed = collections.Counter()    # (id, rcpt) -> extra copies
+        self.allowed_by = collections.defaultdict(list)  # ... -> their modes
         self.arrived = collections.Counter()    # (id, rcpt) -> copies
         self.summary = Summary(seed=seed)
         self._reported = set()
@@ -462,10 +542,14 @@ class CrashLoop:
         started = time.monotonic()
         self.sink = SinkProcess(self.directory, self.seed, self.data_delay)
         try:
-            # A child has 1 or self.connections sender threads; the first
-            # config serves the harness's own drain (one thread).
-            self.configs = {self._write_config(n): n
-                            for n in (1, self.connections)}
+            # A child has 1 or self.connections sender threads, pipelining
+            # or not; the first config serves the harness's own drain (one
+            # thread, pipelining).
+            self.configs = {}
+            for n in (1, self.connections):
+                for pipelining in (True, False):
+                    mode = Mode(n, pipelining)
+                    self.configs[self._write_config(mode)] = mode
             from mailout import config
             from mailout import factories
             _, deliveries = factories.build_all(
@@ -485,16 +569,21 @@ class CrashLoop:
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
-    def _write_config(self, connections):
-        path = os.path.join(self.directory, f'crash-{connections}.conf')
+    def _write_config(self, mode):
+        path = os.path.join(
+            self.directory, f'crash-{mode.connections}'
+            f'{"-pipelining" if mode.pipelining else ""}.conf')
         with open(path, 'w') as f:
-            f.write(CONFIG.format(port=self.sink.port, queue=self.queue_path,
-                                  connections=connections))
+            f.write(CONFIG.format(
+                port=self.sink.port, queue=self.queue_path,
+                connections=mode.connections,
+                pipelining='on' if mode.pipelining else 'off'))
         return path
 
     def iteration(self, n, last=False):
         stderr_path = os.path.join(self.directory, 'child-stderr.txt')
         config_path = self.rng.choice(list(self.configs))
+        mode = self.configs[config_path]
         with open(stderr_path, 'wb') as stderr:
             child = ChildProcess(config_path, n,
                                  self.rng.randrange(1 << 32), stderr)
@@ -522,8 +611,7 @@ class CrashLoop:
             self.fail(f'child: iteration {n}: the child logged an error: '
                       f'{errors[-2000:]}')
         self._absorb(lines)
-        self._look_at_queue_after_kill(child.pid, n,
-                                       self.configs[config_path])
+        self._look_at_queue_after_kill(child.pid, n, mode)
         if last or self.rng.random() < self.harness_share:
             self.summary.recovered_by['the harness'] += 1
             self.drain()
@@ -532,7 +620,8 @@ class CrashLoop:
             self.summary.recovered_by['the next child'] += 1
             self.check(final=False)
         if self.verbose:
-            print(f'iteration {n}: {len(lines)} lines, '
+            print(f'iteration {n} ({mode.connections} thread(s), '
+                  f'{mode.name}): {len(lines)} lines, '
                   f'{len(self.summary.failures)} failures', flush=True)
 
     def _absorb(self, lines):
@@ -566,12 +655,20 @@ class CrashLoop:
             'doomed': 'in a refused commit', 'rollback': 'in a rollback',
             'idle': 'while idle (processor working)'}[last]] += 1
 
-    def _look_at_queue_after_kill(self, pid, n, threads):
-        """Allow one more copy of each recipient the dead child held a
-        claim for (one claim at most for each of its ``threads``); count
-        its unfinished writes."""
+    def _look_at_queue_after_kill(self, pid, n, mode):
+        """Sort the claims the dead child held by what the sink has (after
+        a `SinkProcess.sync`: it has read all the child sent): a recipient
+        with a copy beyond the extra copies allowed so far got this
+        claim's message, whose end-of-data reply was outstanding, and may
+        get one more copy; a claim with no such recipient had its commands
+        or nothing sent, and gets no more.  A child holds at most one claim
+        of the first kind a sender thread, and at most one claim a thread
+        without pipelining, two with.  Count its unfinished writes."""
         from mailout.queue import names
-        held = 0
+        self._receive()
+        counts = self.summary.modes[mode.name]
+        counts.kills += 1
+        held = outstanding = 0
         for name in os.listdir(os.path.join(self.queue_path, 'cur')):
             claim = names.Claim.parse(name)
             if claim is None or claim.pid != pid:
@@ -583,15 +680,34 @@ class CrashLoop:
                 continue
             held += 1
             self.summary.claims_in_flight += 1
-            for to in toaddrs:
+            self.summary.recipients_in_flight += len(toaddrs)
+            got = [to for to in toaddrs
+                   if self.arrived[mid, to] > self.allowed[mid, to]]
+            counts.recipients_allowed += len(got)
+            for to in got:
                 self.allowed[mid, to] += 1
-                self.summary.recipients_in_flight += 1
+                self.allowed_by[mid, to].append(mode.name)
+            if got:
+                outstanding += 1
+                counts.reply_outstanding += 1
+            else:
+                counts.commands_or_nothing += 1
+        counts.claims += held
+        counts.most_claims = max(counts.most_claims, held)
+        counts.most_reply_outstanding = max(counts.most_reply_outstanding,
+                                            outstanding)
+        counts.kills_over_threads += held > mode.connections
         self.summary.most_claims_at_a_kill = max(
             self.summary.most_claims_at_a_kill, held)
-        if held > threads:
+        if held > mode.most_claims:
             self.fail(f'claims: iteration {n}: the killed child held {held} '
-                      f'claims with {threads} sender thread(s)',
-                      key=('claims', n))
+                      f'claims with {mode.connections} sender thread(s), '
+                      f'{mode.name}', key=('claims', n))
+        if outstanding > mode.connections:
+            self.fail(f'claims: iteration {n}: the killed child held '
+                      f'{outstanding} claims whose end-of-data reply was '
+                      f'outstanding with {mode.connections} sender '
+                      f'thread(s), {mode.name}', key=('outstanding', n))
         for name in os.listdir(os.path.join(self.queue_path, 'tmp')):
             entry = names.in_tmp(name)
             if isinstance(entry, names.Rewrite):
@@ -628,15 +744,23 @@ class CrashLoop:
         self.summary.stuck = sum(q.count(area) for area in (
             'new', 'cur', 'deferred', 'failed', 'tmp'))
 
-    def check(self, final):
-        """Compare what arrived with what the children said.  Only after a
-        drain (``final``) must every committed message have arrived."""
+    def _receive(self):
+        """Count the copies the sink received so far (all a killed child
+        sent included: `SinkProcess.sync`)."""
         self.sink.sync()
         for record in self.sink.new_records():
             if record['id'] and record['id'].startswith('crash-'):
                 for to in record['rcpt']:
                     self.arrived[record['id'], to] += 1
+
+    def check(self, final):
+        """Compare what arrived with what the children said.  Only after a
+        drain (``final``) must every committed message have arrived."""
+        if final:
+            self._receive()     # the copies the drain sent
         s = self.summary
+        for counts in s.modes.values():
+            counts.duplicates = 0
         s.committed = s.committed_delivered = s.unknown = \
             s.unknown_delivered = s.not_to_send = s.not_to_send_delivered \
             = s.recipient_copies = s.duplicates_in_flight \
@@ -669,9 +793,12 @@ class CrashLoop:
                 allowed = min(extra, self.allowed[mid, to])
                 s.duplicates_in_flight += allowed
                 s.duplicates_other += extra - allowed
+                for mode in self.allowed_by[mid, to][:allowed]:
+                    s.modes[mode].duplicates += 1
                 if extra > allowed:
                     self.fail(f'duplicate: {mid} arrived {extra + 1} times '
-                              f'for {to}, in flight at {allowed} kill(s)',
+                              f'for {to}, its end-of-data reply outstanding '
+                              f'at {self.allowed[mid, to]} kill(s)',
                               key=('dup', mid, to))
             if final and state == 'unknown' and any(copies) \
                     and not all(copies):
@@ -758,7 +885,8 @@ def main(argv=None):
     parser.add_argument('--max-delay-ms', type=float, default=60,
                         help='longest random delay before the kill')
     parser.add_argument('--connections', type=int, default=8,
-                        help='sender threads of a child (or 1, at random)')
+                        help='sender threads of a child (or 1, at random; '
+                             'pipelining on or off, at random)')
     parser.add_argument('--data-delay-ms', type=float, default=10,
                         help='how long the sink takes to answer the final '
                              'dot (slow at DATA)')
