@@ -457,6 +457,7 @@ class Summary:
     arrived_while_stopped: int = 0
     first_survivor_ms: float = None
     gap_after_stop_ms: float = None
+    gap_window_s: float = None      # how long after the stop it is taken
     gap_before_stop_ms: float = None
     commit_gap_after_stop_ms: float = None     # the same, of the commits
     latency: dict = dataclasses.field(default_factory=dict)
@@ -529,10 +530,11 @@ class Summary:
             f'while stopped: {self.arrived_while_stopped}',
             f'  survivors taking over: first delivery through a survivor '
             f'{_ms(self.first_survivor_ms)} after the stop; longest gap '
-            f'between deliveries {_ms(self.gap_after_stop_ms)} in the 5 s '
-            f'after the stop ({_ms(self.gap_before_stop_ms)} in the 5 s '
-            f'before; between commits '
-            f'{_ms(self.commit_gap_after_stop_ms)} after the stop)',
+            f'between deliveries {_ms(self.gap_after_stop_ms)} in the '
+            f'{_s(self.gap_window_s)} after the stop while mail was '
+            f'committed at full rate (between commits '
+            f'{_ms(self.commit_gap_after_stop_ms)}; between deliveries '
+            f'{_ms(self.gap_before_stop_ms)} in the 5 s before the stop)',
             '  latency commit -> sink: ' + ', '.join(
                 f'{k} {_ms(v)}' for k, v in self.latency.items()),
             f'  {self.stopped_relay} back: first message accepted by it '
@@ -661,6 +663,7 @@ class ScaleOut:
         self._handed = 0        # by the feeder, not trickled
         self._trickled = 0
         self._asked = 0         # messages asked of the children in all
+        self._capped_at = []    # when the feeder reached a cap
         self._feeding = threading.Condition()
         self._stop_feeding = False
         self.burst_committed = 0
@@ -753,6 +756,8 @@ class ScaleOut:
                         self._trickled += count
                     else:
                         self._handed += count
+                        if self._handed == self._cap:
+                            self._capped_at.append(time.time())
                     committing[next(turn) % len(committing)].send(count)
             time.sleep(count / self.rate if committing else 0.05)
 
@@ -784,6 +789,9 @@ class ScaleOut:
         from postfix import RelaySink
         from postfix import start_all
         os.makedirs(self.directory, exist_ok=True)
+        if os.listdir(self.directory):
+            # An earlier run's sink records and queue would count here.
+            raise ValueError(f'{self.directory} is not empty')
         sink_dir = os.path.join(self.directory, 'sink')
         self.sink = RelaySink(sink_dir)
         self.arrivals = Arrivals(sink_dir)
@@ -836,45 +844,52 @@ class ScaleOut:
         self.summary.stopped_relay = stopped.name
         names = [r.name for r in self.relays]
 
+        # Each phase's share of the messages is handed out in full before
+        # its event; the next phase's share is allowed before the event,
+        # so that mail keeps coming through it.
+        def share(fraction):
+            return round(self.budget * fraction)
+
         # 1. Mail through every relay, then relay2 stops.
         self.allow(0.3)
         self.wait_until(
-            lambda: self.committed() >= self._cap and all(
+            lambda: self.committed() >= share(0.3) and all(
                 self.relay_carried(name, 0) for name in names),
             'every relay carried mail', timeout=60 + self.budget / 10)
+        self.allow(0.55)
         self.events['stop'] = time.time()
         stopped.halt(kill=self.relay_stop == 'kill')
         self.events['stopped'] = time.time()
         self.say(f'{stopped.name} stopped')
 
         # 2. The survivors carry the mail, then relay2 starts again.
-        self.allow(0.55)
         survivors = [name for name in names if name != stopped.name]
         self.wait_until(
-            lambda: self.committed() >= self._cap
+            lambda: self.committed() >= share(0.55)
             and time.time() - self.events['stopped'] >= self.stop_seconds
             and all(self.relay_carried(name, self.events['stopped'])
                     for name in survivors),
             'the survivors carried the mail', timeout=60 + self.budget / 10)
+        self.allow(0.8)
         self.events['restart'] = time.time()
         stopped.start()
         self.events['restarted'] = time.time()
         self.say(f'{stopped.name} started again')
 
-        # 3. relay2 carries mail again; a host is killed holding claims.
-        self.allow(0.8)
+        # 3. relay2 carries mail again; a host is frozen past the lease,
+        # one killed, each holding claims, while the others commit on.
         self.wait_until(
-            lambda: self.committed() >= self._cap and any(
+            lambda: self.committed() >= share(0.8) and any(
                 c.relay == stopped.name
                 and c.accepted >= int(self.events['restart'])
                 for c in self.copies()),
             f'{stopped.name} carried mail again', timeout=90)
+        self.allow(1.0)
         if self.freeze:
             self.freeze_a_host()
         self.kill_a_host()
 
         # 4. The rest of the messages.
-        self.allow(1.0)
         self.wait_until(
             lambda: not self.feeder.is_alive()
             and self.committed() >= self._asked,
@@ -1236,13 +1251,18 @@ class ScaleOut:
         if after:
             s.first_survivor_ms = min(c.arrived for c in after) - ev['stop']
         times = sorted(c.arrived for c in copies)
-        s.gap_after_stop_ms = _longest_gap(times, ev['stop'], ev['stop'] + 5)
+        # Up to 5 s after the stop, while the feeder was not held at its
+        # cap (then it trickles: gaps of its own).
+        end = min([t for t in self._capped_at if t > ev['stop']]
+                  + [ev['restart'], ev['stop'] + 5])
+        s.gap_window_s = end - ev['stop']
+        s.gap_after_stop_ms = _longest_gap(times, ev['stop'], end)
         if times:
             s.gap_before_stop_ms = _longest_gap(
                 times, max(ev['stop'] - 5, times[0]), ev['stop'])
         s.commit_gap_after_stop_ms = _longest_gap(
             sorted(at for at, _ in self.ledger.done.values()),
-            ev['stop'], ev['stop'] + 5)
+            ev['stop'], end)
         back = [c.accepted_by for c in mine
                 if c.accepted >= int(ev['restart'])]
         if back:
