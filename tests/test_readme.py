@@ -54,6 +54,8 @@ def kind(section, text):
     """What a snippet is, hence how it is run."""
     if section in ('Plone and MailHost', 'Writing a mailer', 'Try it'):
         return 'elsewhere'
+    if section == 'Scaling out' and text.startswith('host a'):
+        return 'picture'
     if text.startswith('%import mailout') or \
             text.startswith('<product-config mailout>'):
         return 'zope.conf'
@@ -90,7 +92,8 @@ def test_zope_conf_snippets_start_zope(instance):
     """The "Configure" zope.conf block, pasted as printed, starts a real
     Zope instance (runwsgi) whose ZCML registers its deliveries."""
     [(_, _, block)] = [s for s in of_kind('zope.conf')
-                       if s[2].startswith('%import mailout')]
+                       if s[0] == 'Configure'
+                       and s[2].startswith('%import mailout')]
     conf = write_zope_conf(instance, '\n' + block, imports=False)
     settings, source = config.load_any(conf)
     assert sorted(settings.deliveries) == ['default', 'urgent']
@@ -98,6 +101,24 @@ def test_zope_conf_snippets_start_zope(instance):
         str(instance / 'var' / 'mailqueue')
     with Server(instance):
         pass
+
+
+def test_scaling_out_snippet_loads(instance):
+    """The "Scaling out" zope.conf block loads with Zope's schema (its
+    shared queue path made this test's) and says what the text says."""
+    [(_, _, block)] = [s for s in of_kind('zope.conf')
+                       if s[0] == 'Scaling out']
+    conf = write_zope_conf(instance, '\n' + block.replace(
+        '/srv/shared/mailqueue', str(instance / 'shared')), imports=False)
+    settings, _ = config.load_any(conf)
+    relay = settings.mailers['relay']
+    assert [host for host, _ in relay.hosts] == [
+        'mx1.example.org', 'mx2.example.org', 'mx3.example.org']
+    assert relay.weights == (2, 1, 1)
+    assert relay.max_connections_per_relay == 20
+    default = settings.deliveries['default']
+    assert (default.host_id, default.claim_lease, default.connections) \
+        == ('app2', 300, 4)
 
 
 def test_product_config_snippet_names_the_standalone_file(instance):
