@@ -310,6 +310,25 @@ def test_every_relay_full_waits_for_a_slot(start_sink):
     assert connections(sink)['peak'] == 1
 
 
+def test_message_untried_for_a_full_relay_is_tried_again_soon(tmp_path,
+                                                              start_sink):
+    """A message that found every relay full is deferred untried for a
+    poll interval, not for its backoff (300 s): with one slot, which the
+    first sender thread's kept connection holds, the second thread's
+    message is soon tried again, and goes (by whichever thread)."""
+    sink = start_sink()
+    processor, queue = farm(tmp_path, [sink.port],
+                            'max-connections-per-relay 1', 'timeout 1s',
+                            connections=2)
+    enqueue(queue, 'first', 'second')
+    processor.start()
+    try:
+        sink.wait_for(2, timeout=12)
+    finally:
+        processor.stop()
+    assert sorted(subjects(sink)) == ['first', 'second']
+
+
 # -- d. weights ------------------------------------------------------------------
 
 def test_weights_spread_new_connections_in_proportion(tmp_path, start_sink):

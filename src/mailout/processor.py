@@ -31,6 +31,7 @@ from mailout.interfaces import DeliveryError
 from mailout.interfaces import IMailoutMailer
 from mailout.interfaces import Withdrawn
 from mailout import mailers
+from mailout.mailers.relays import RelaysBusy
 from mailout.mailers.relays import RelaysResting
 from mailout.queue import fileformat
 from mailout.message import message_id_of
@@ -509,12 +510,19 @@ class Processor:
         a crash nor a failing subscriber past that point can make the
         message go twice."""
         tried = not isinstance(outcome, RelaysResting)  # no attempt
+        busy = isinstance(outcome, RelaysBusy)
         if isinstance(outcome, DeliveryError):  # for every recipient alike
             outcome = outcome.reply
         refused = outcome if isinstance(outcome, dict) \
             else dict.fromkeys(message.toaddrs, outcome)
+        now = time.time()
         decision = decide(message.toaddrs, refused, len(message.attempts),
-                          message.queued_at, time.time(), self.retry, tried)
+                          message.queued_at, now, self.retry, tried)
+        if busy and decision.deferred:
+            # Every relay's connections were taken: one frees soon, and
+            # no "relay back" would say so.
+            decision = dataclasses.replace(decision,
+                                           until=now + self.poll_interval)
         decision = self._record(claimed, message, message_id, decision)
         self._announce(message, message_id, decision)
 
