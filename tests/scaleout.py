@@ -318,7 +318,7 @@ def _read_text(path):
         return ''
 
 
-# -- what the children committed ------------------------------------------------
+# -- what the children committed ----------------------------------------------
 
 class Ledger:
     """Message id -> who committed it and when (thread-safe)."""
@@ -338,7 +338,7 @@ class Ledger:
                 self.done[mid] = (at, child)
 
 
-# -- what the sink received -------------------------------------------------------
+# -- what the sink received ---------------------------------------------------
 
 @dataclasses.dataclass
 class Copy:
@@ -400,7 +400,7 @@ def parse_copy(data, arrived):
                 email.utils.parsedate_to_datetime(date).timestamp(), arrived)
 
 
-# -- Postfix instances die with the harness ---------------------------------------
+# -- Postfix instances die with the harness -----------------------------------
 
 WATCHDOG = '''
 import shutil, subprocess, sys
@@ -421,7 +421,7 @@ def watchdog(instances):
                             stdin=subprocess.PIPE, start_new_session=True)
 
 
-# -- the harness ------------------------------------------------------------------
+# -- the harness --------------------------------------------------------------
 
 class Failed(Exception):
     """A phase of the run did not happen in time."""
