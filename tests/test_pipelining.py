@@ -279,3 +279,46 @@ def test_no_command_smuggled_from_a_queue_file(tmp_path, start_sink):
     [failed] = files_in(queue, 'failed')
     with open(os.path.join(queue.path, 'failed', failed), 'rb') as f:
         assert b'553 5.1.3 malformed envelope address' in f.read()
+
+
+def test_subscriber_sending_mail_while_a_pipelined_message_is_out(
+        tmp_path, start_sink):
+    """An event subscriber that sends mail from the processor's thread,
+    through a direct delivery sharing the mailer, while the next queued
+    message's commands are out on the kept session: its message goes to
+    its own recipient over a session of its own, and the stream goes on."""
+    import transaction
+    import zope.component
+    from helpers import config_text
+    from helpers import load_config
+    from mailout.factories import build_all
+    from mailout.interfaces import IMailSentEvent
+    sink = start_sink('--pipelining')
+    _, deliveries = build_all(load_config(config_text(
+        sink.port, queue_path=tmp_path / 'q', mailer_lines=['timeout 5s'],
+        delivery_lines=['processor off'], direct=True)))
+    queued, urgent = deliveries['default'], deliveries['urgent']
+    assert queued.mailer is urgent.mailer
+    notices = []
+
+    @zope.component.adapter(IMailSentEvent)
+    def notify_admin(event):
+        if not notices:
+            notices.append(urgent.send(
+                'app@example.org', ['admin@example.org'],
+                b'Subject: notice\r\n\r\nsent one\r\n'))
+            transaction.commit()
+    registry = zope.component.getGlobalSiteManager()
+    registry.registerHandler(notify_admin)
+    try:
+        enqueue(queued.queue, 'first', 'second', 'third', separately=True)
+        Processor(queued.queue, queued.mailer).run_once()
+    finally:
+        registry.unregisterHandler(notify_admin)
+    received = {subject: record['rcpt_tos'] for subject, record in zip(
+        subjects(sink.messages()), sink.messages())}
+    assert received == {'first': [ANN], 'second': [ANN], 'third': [ANN],
+                        'notice': ['admin@example.org']}
+    assert sum(map(len, map(os.listdir, [
+        os.path.join(queued.queue.path, area)
+        for area in ('new', 'cur', 'deferred', 'failed')]))) == 0

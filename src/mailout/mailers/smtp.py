@@ -41,6 +41,7 @@ class ThreadConnection(threading.local):
     relay = None
     release = None
     sent = 0
+    busy = False    # it owes the replies to a pipelined message's commands
 
     def reusable(self, limit):
         """The open connection, unless it has sent ``limit`` messages (then
@@ -75,6 +76,20 @@ class ThreadConnection(threading.local):
         release, self.release = self.release, None
         if release is not None:
             release()
+
+    def set_aside(self):
+        """This thread's session, put aside (the thread has none now)."""
+        state = self.connection, self.relay, self.release, self.sent, \
+            self.busy
+        self.connection = self.relay = self.release = None
+        self.sent, self.busy = 0, False
+        return state
+
+    def restore(self, state):
+        """End the session of now, take back the one `set_aside` gave."""
+        self.end()
+        self.connection, self.relay, self.release, self.sent, self.busy = \
+            state
 
 
 class Lost(Exception):
@@ -159,13 +174,30 @@ class SMTPMailer(Mailer):
         message whose final dot was sent may have gone (RFC 1047); the
         next one is sent again on a new session.
         """
+        local = self._local
+        if local.busy:
+            # Called on a thread whose session owes the replies to a
+            # pipelined message (an event subscriber of the processor
+            # sending mail while the processor settles the one before):
+            # a session of its own, ended when done.
+            state = local.set_aside()
+            try:
+                yield from self.send_each(envelopes, all_or_none,
+                                          still_wanted)
+            finally:
+                local.restore(state)
+            return
         envelopes = iter(envelopes)
         try:
             envelope, begun = next(envelopes, None), None
             while envelope is not None:
                 outcome, following, begun = self._deliver(
                     envelope, begun, all_or_none, envelopes, still_wanted)
-                yield envelope, outcome
+                local.busy = begun is not None
+                try:
+                    yield envelope, outcome
+                finally:
+                    local.busy = False
                 envelope = following if following is not None \
                     else next(envelopes, None)
         except BaseException:
@@ -181,6 +213,8 @@ class SMTPMailer(Mailer):
         with the previous message), and the next envelope if it was taken
         from ``envelopes`` meanwhile, with its transaction if begun."""
         local = self._local
+        if begun is not None and begun.connection is not local.connection:
+            begun = None        # its session is gone: it is sent again
         if begun is not None or local.reusable(
                 self.settings.messages_per_connection) is not None:
             try:
@@ -322,7 +356,8 @@ class SMTPMailer(Mailer):
             return None
 
     def close(self) -> None:
-        self._local.end()
+        if not self._local.busy:    # else: a nested sender's, ended already
+            self._local.end()
 
     @property
     def kept_connection(self) -> Optional[smtplib.SMTP]:
