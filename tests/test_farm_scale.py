@@ -310,6 +310,25 @@ def test_every_relay_full_waits_for_a_slot(start_sink):
     assert connections(sink)['peak'] == 1
 
 
+def test_idle_session_gives_its_slot_back_at_once(tmp_path, start_sink):
+    """With connections limited, a sender thread with nothing to do ends
+    its session after its poll interval, not 15 s later: no idle session
+    holds a slot that another process or delivery waits for."""
+    sink = start_sink('--count-connections')
+    processor, queue = farm(tmp_path, [sink.port],
+                            'max-connections-per-relay 1')
+    enqueue(queue, 'one')
+    processor.start()
+    try:
+        sink.wait_for(1)
+        deadline = time.monotonic() + 5
+        while connections(sink)['open'] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connections(sink)['open'] == 0
+    finally:
+        processor.stop()
+
+
 def test_message_untried_for_a_full_relay_is_tried_again_soon(tmp_path,
                                                               start_sink):
     """A message that found every relay full is deferred untried for a

@@ -74,7 +74,9 @@ class MailFailedEvent(_MailEvent):
 
 
 #: Seconds a sender thread keeps its idle connection open, so that sparse
-#: mail does not pay for a new connection each time.
+#: mail does not pay for a new connection each time; a mailer's
+#: ``keep_idle`` says otherwise (none while connections to a relay are
+#: limited: an idle one would hold a slot that others wait for).
 KEEP_IDLE_CONNECTION = 15
 
 #: While a relay rests and messages wait in deferred/, a processor probes
@@ -207,6 +209,7 @@ class Processor:
         # ``stopping`` is this generation's: a thread that outlives stop()'s
         # join does not carry on with the next start()'s threads.
         idle_since = time.monotonic()
+        keep_idle = getattr(self.mailer, 'keep_idle', KEEP_IDLE_CONNECTION)
         while not stopping.is_set():
             arrivals = self.queue.arrivals
             try:
@@ -215,7 +218,7 @@ class Processor:
             except Exception:
                 log.exception('%r: unexpected error; continuing', self)
             self.queue.wait(self.poll_interval, arrivals)
-            if time.monotonic() - idle_since > KEEP_IDLE_CONNECTION:
+            if time.monotonic() - idle_since >= keep_idle:
                 self.mailer.close()         # idle: let the relay go
         self.mailer.close()
 

@@ -136,6 +136,10 @@ class SMTPMailer(Mailer):
             max_connections=getattr(settings, 'max_connections_per_relay',
                                     0),
             wait=settings.timeout)
+        if getattr(settings, 'max_connections_per_relay', 0):
+            #: A processor's sender thread ends its session as soon as it
+            #: is idle (not 15 s later): no idle one holds a relay's slot.
+            self.keep_idle = 0
         self._local = ThreadConnection()
         os.register_at_fork(after_in_child=self._after_fork)
         # An LMTP mailer's settings have no password.
