@@ -450,6 +450,20 @@ def test_name_with_two_addresses(tmp_path, start_sink, two_addresses,
     assert settled(queue)
     assert len(first.messages()) == 20
     assert list(rests(queue)) == [f'{NAME}[127.0.0.2]:{first.port}']
+    # ``queue status`` shows the address that rests under its name.
+    config = write_config(tmp_path / 'mailout.conf', section(
+        [f'{NAME}:{first.port}'], 'tls starttls', f'ca-file {ca}')
+        + f'\n<queued-delivery default>\n  mailer farm\n  queue-path '
+        f'{queue.path}\n</queued-delivery>\n')
+    status = json.loads(subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), 'mailout'), 'queue',
+         'status', '--json', '-C', str(config)], capture_output=True,
+        text=True).stdout)
+    assert status['ok'], status
+    assert [(r['relay'], r['state']) for r in
+            status['queues'][0]['relays']] == [
+        (f'{NAME}:{first.port}', 'up'),
+        (f'{NAME}[127.0.0.2]:{first.port}', 'resting')]
 
 
 def test_certificate_is_checked_against_the_name(tmp_path, start_sink,

@@ -78,7 +78,9 @@ def relay_states(settings, names: list[str], path: str,
     """The state of each relay of the mailers of the deliveries ``names``
     as the processes working the queue at ``path`` recorded it
     (`mailout.queue.RelayStates`): ``{'relay': 'host:port', 'mailers',
-    'state', 'since', 'until', 'why'}``.  ``state`` is "up" (no rest
+    'state', 'since', 'until', 'why'}``; after a relay whose name has
+    several addresses, each address that has a record of its own
+    (``host[address]:port``).  ``state`` is "up" (no rest
     recorded, or one ended: then ``since`` and ``why`` say when and how),
     "resting" (no connection is tried before ``until``, but the
     processors probe it) or "down" (its rest is over; the next connection
@@ -94,6 +96,9 @@ def relay_states(settings, names: list[str], path: str,
             mailers = relays.setdefault(address((host, port)), [])
             if mailer not in mailers:
                 mailers.append(mailer)
+            for key in sorted(records):
+                if key.startswith(f'{host}[') and key.endswith(f']:{port}'):
+                    relays.setdefault(key, mailers)
     result = []
     for relay, mailers in relays.items():
         record = records.get(relay)
