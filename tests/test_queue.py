@@ -229,3 +229,18 @@ def test_queued_at_only_for_our_names():
                                         b'')
     assert abs(ours.queued_at - 1795601321.9) < 1
     assert theirs.queued_at is None
+
+
+def test_relay_state_leftovers_are_removed(tmp_path):
+    """A dot-file of a relays.json write whose process died before the
+    rename is removed by recovery an hour later; a fresh one (a write in
+    progress, maybe on another host) stays."""
+    queue = Queue(str(tmp_path / 'q'))
+    old = os.path.join(queue.path, '.relays.json.0123abcd.tmp')
+    fresh = os.path.join(queue.path, '.relays.json.4567cdef.tmp')
+    for path in (old, fresh):
+        with open(path, 'w') as f:
+            f.write('{')
+    os.utime(old, (time.time() - 3700,) * 2)
+    queue.recover()
+    assert not os.path.exists(old) and os.path.exists(fresh)

@@ -32,6 +32,7 @@ class Recovery:
         now = time.time() if now is None else now
         if self.writable:
             self._check_areas()
+            self.relay_states.remove_leftovers(now)
         self._finish_unfinished()
         self._release_kept()
         self._clean_tmp(now)

@@ -49,6 +49,8 @@ log = logging.getLogger('mailout.queue')
 
 #: The file's name in the queue directory.
 FILENAME = 'relays.json'
+#: Seconds after which a dot-file of an unfinished write is removed.
+LEFTOVER_AGE = 3600
 
 #: The directory of the relays' connection slots in the queue directory.
 SLOTS = 'relay-slots'
@@ -152,6 +154,21 @@ class RelayStates:
         if ended:
             self._write(states)
         return ended
+
+    def remove_leftovers(self, now: float) -> None:
+        """Remove the dot-files of writes that never finished (a process
+        died between writing and renaming), an hour after they were made:
+        a write takes milliseconds, on whichever host."""
+        prefix = f'.{FILENAME}.'
+        try:
+            listing = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in listing:
+            if name.startswith(prefix) and name.endswith('.tmp'):
+                path = os.path.join(self.directory, name)
+                if now - files.mtime(path, now) > LEFTOVER_AGE:
+                    files.unlink(path)
 
     def _write(self, states):
         # A dot-file (no message, for any reader of the queue), its name
