@@ -1024,7 +1024,7 @@ class ScaleOut:
                 except FileNotFoundError:   # not its own any more
                     continue
                 held[filename] = match.group(1).decode() if match else None
-                hosts.add(claim.host)
+                hosts.add(claim.host.rsplit('~', 1)[0])     # its host id
             if self.queues == 'shared':
                 break
         self.claim_hosts = sorted(hosts)

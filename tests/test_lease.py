@@ -42,6 +42,7 @@ def host_state(monkeypatch):
     """This process's host id as the test found it, put back after (a
     process fixes its host id once; these tests configure several)."""
     monkeypatch.setattr(names, 'HOST', names.HOST)
+    monkeypatch.setattr(names, 'HOST_ID', names.HOST_ID)
     monkeypatch.setattr(names, '_host_fixed_by', None)
     monkeypatch.delenv('MAILOUT_HOST_ID', raising=False)
 
@@ -129,21 +130,23 @@ def test_host_id_from_configuration_then_environment_then_default(
     """The key wins over $MAILOUT_HOST_ID, which wins over the default; the
     process's files and claims are named with it."""
     default = names._host_id()
+    incarnation = names._incarnation()
     build(str(tmp_path / 'q0'), sink.port)
-    assert names.HOST == default
+    assert names.HOST_ID == default
+    assert names.HOST == f'{default}~{incarnation}'
 
     monkeypatch.setattr(names, '_host_fixed_by', None)
     monkeypatch.setenv('MAILOUT_HOST_ID', 'from-env')
     build(str(tmp_path / 'q1'), sink.port)
-    assert names.HOST == 'from-env'
+    assert names.HOST_ID == 'from-env'
 
     monkeypatch.setattr(names, '_host_fixed_by', None)
     _, queue = build(str(tmp_path / 'q2'), sink.port, host_id='from-key')
-    assert names.HOST == 'from-key'
+    assert names.HOST == f'from-key~{incarnation}'
     [name] = enqueue(queue, 'x')
-    assert name.endswith('.from-key')
+    assert name.endswith(f'.from-key~{incarnation}')
     claimed = queue.claim(name)
-    assert names.Claim.parse(claimed).host == 'from-key'
+    assert names.Claim.parse(claimed).host == f'from-key~{incarnation}'
 
 
 def test_second_host_id_refused(tmp_path, sink, host_state):
@@ -155,7 +158,7 @@ def test_second_host_id_refused(tmp_path, sink, host_state):
         build(str(tmp_path / 'q3'), sink.port, host_id='host-b')
     message = str(e.value)
     assert "'host-b'" in message and "'host-a'" in message
-    assert names.HOST == 'host-a'
+    assert names.HOST_ID == 'host-a'
 
 
 def test_host_id_fixed_once_files_are_named(tmp_path, sink, host_state):
@@ -456,6 +459,39 @@ def mailout(config, *args, host_id=None):
         env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
+def test_container_restarted_under_its_host_id(tmp_path, sink):
+    """A container with a fixed host id (as README advises) dies holding a
+    claim as pid 1 of its pid namespace, and restarts in a new one with an
+    init in front (pid 1 is a shell): the dead claim's pid is alive there,
+    yet the claim is another incarnation's, so it comes back after the
+    lease and its message goes once."""
+    queue_path = str(tmp_path / 'q')
+    config = write_config(tmp_path / 'mailout.conf', config_text(
+        sink.port, queue_path, delivery_lines=[
+            'processor off', 'claim-lease 2s', 'poll-interval 0.2s']))
+    enqueue(Queue(queue_path), '1')
+    env = dict(os.environ, MAILOUT_HOST_ID='app')
+    in_container = ['unshare', '--pid', '--fork', '--mount-proc']
+    # (As pid 1 of its namespace it ignores its own SIGKILL: it exits.)
+    crashed = subprocess.run([*in_container, sys.executable, '-c', CRASH,
+                              config], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert crashed.returncode == 0, crashed.stderr
+    [claimed] = files_in(queue_path, 'cur')
+    assert names.Claim.parse(claimed).pid == 1
+    deadline = time.monotonic() + 20
+    while not numbers(sink):
+        assert time.monotonic() < deadline, files_in(queue_path, 'cur')
+        restarted = subprocess.run(
+            [*in_container, 'sh', '-c', f'{sys.executable} -m mailout.cli '
+             f'-C {config} process --once; true'],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert 'Traceback' not in restarted.stderr, restarted.stderr
+        time.sleep(0.5)
+    assert numbers(sink) == {1: 1}
+
+
 def numbers(sink):
     """How often each message (its Subject: N) arrived."""
     counts = collections.Counter()
@@ -488,7 +524,7 @@ def claims_of(queue_path, host_id):
     """The numbers of the messages ``host_id`` holds claims on."""
     result = set()
     for claimed in files_in(queue_path, 'cur'):
-        if names.Claim.parse(claimed).host == host_id:
+        if names.Claim.parse(claimed).host.split('~')[0] == host_id:
             try:
                 result.add(number_of(os.path.join(queue_path, 'cur',
                                                   claimed)))
@@ -546,8 +582,9 @@ def test_two_host_ids_are_two_hosts(tmp_path, sink):
     crashed_at = time.time()
     [claimed] = files_in(queue_path, 'cur')
     [written] = files_in(queue_path, 'tmp')
-    assert names.Claim.parse(claimed).host == 'host-a'
-    assert names.in_tmp(written).host == 'host-a'
+    here = f'~{names._incarnation()}'   # same machine, same pid namespace
+    assert names.Claim.parse(claimed).host == 'host-a' + here
+    assert names.in_tmp(written).host == 'host-a' + here
 
     # Host b, within the lease: nothing of host-a's is touched.
     result = mailout(config, 'process', '--once', host_id='host-b')

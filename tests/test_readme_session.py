@@ -14,7 +14,7 @@ import readme_session
 from readme_session import show_fragment
 
 QUEUE_ID = (r'\b\d+\.\d+-[0-9a-f]+_[0-9a-f]+_[0-9a-f]+'   # TIME.PID-TOKEN_..
-            r'\.[^\s,()~:/]+?(?:~\d+)?'                  # .HOST~PIDNS
+            r'\.[^\s,()~:/]+?(?:~[0-9a-f]+)?'            # .HOST~INCARNATION
             r'(?=\.r[0-9a-f]+\b|[\s,():]|$)')
 
 #: What differs from run to run, and how both sides write it:

@@ -57,8 +57,9 @@ def build_delivery(settings, mailer, processor=True):
 def set_host(host_id):
     """Fix this process's host id (the queue files' names) before a queue
     is used: ``host_id`` (the ``<mailout>`` section's ``host-id``), else
-    ``$MAILOUT_HOST_ID``, else the host name.  `ZConfig.ConfigurationError`
-    for a bad one, or one different from what this process uses already."""
+    ``$MAILOUT_HOST_ID``, else the host name (`mailout.queue.names`).
+    `ZConfig.ConfigurationError` for a bad one, or one different from what
+    this process uses already."""
     try:
         names.set_host(host_id)
     except ValueError as e:

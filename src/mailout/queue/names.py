@@ -12,10 +12,13 @@ formats it (``str``).  Nothing else builds or splits a queue file name.
     cur/        NAME,HOST,PID,TOKEN-N                `Claim`
     failed/     NAME.reason                          (`reason_of`)
 
-HOST is this process's host id (`set_host`): ``host-id``, else
-``$MAILOUT_HOST_ID``, else the host name with its pid namespace.
+HOST is this process's host id (`set_host`: ``host-id``, else
+``$MAILOUT_HOST_ID``, else the host name), ``~`` and its incarnation (the
+machine's boot and pid namespace): a claim or write of this HOST is judged
+by its pid, any other by its age.
 """
 import dataclasses
+import hashlib
 import os
 import re
 import socket
@@ -25,17 +28,46 @@ import uuid
 
 
 def _host_id():
-    """This host in queue file names: its name and, where /proc tells, its
-    pid namespace, so that containers sharing a host name (host network)
-    never take each other's pids for their own."""
+    """This host's id when none is configured: its name."""
     host = socket.gethostname() or 'localhost'
-    try:
-        namespace = os.readlink('/proc/self/ns/pid')   # pid:[4026531836]
-    except OSError:
-        namespace = ''
-    if namespace:
-        host += '~' + ''.join(c for c in namespace if c.isdigit())
     return host.replace(',', '_').replace('/', '_')
+
+
+def _incarnation():
+    """Where this process's pid means something, as 8 hex digits: the
+    machine's boot, the pid namespace and when its first process started
+    (a new namespace may get an old one's number); '' where /proc does not
+    say.  Files named with another are another host's, whatever their host
+    id: a pid of an earlier boot, of another machine given the same host
+    id, or of a container restarted under its old one says nothing about
+    the process that has that pid here now."""
+    parts = []
+    for read, path in ((_read_line, '/proc/sys/kernel/random/boot_id'),
+                       (os.readlink, '/proc/self/ns/pid'),
+                       (_started, '/proc/1/stat')):
+        try:
+            parts.append(read(path))
+        except (OSError, IndexError):
+            pass
+    if not parts:
+        return ''
+    return hashlib.sha256('|'.join(parts).encode()).hexdigest()[:8]
+
+
+def _read_line(path):
+    with open(path) as f:
+        return f.readline().strip()
+
+
+def _started(path):
+    """When the process of a /proc/PID/stat file started (field 22)."""
+    return _read_line(path).rsplit(')', 1)[1].split()[19]
+
+
+def _named(host_id):
+    """HOST for the host id ``host_id``: with this process's incarnation."""
+    incarnation = _incarnation()
+    return f'{host_id}~{incarnation}' if incarnation else host_id
 
 
 #: The areas of a queue directory, in the order a message passes them.
@@ -62,7 +94,7 @@ def check_host_id(value):
     return value
 
 
-def _initial_host():
+def _initial_host_id():
     value = os.environ.get(HOST_ID_VARIABLE)
     try:
         return check_host_id(value) if value else _host_id()
@@ -70,8 +102,11 @@ def _initial_host():
         return _host_id()
 
 
-#: This host in the names of its tmp/ files and claims (`set_host`).
-HOST = _initial_host()
+#: This process's host id (`set_host`).
+HOST_ID = _initial_host_id()
+#: This host in the names of its tmp/ files and claims: the host id and
+#: where its pids mean something (`_incarnation`).
+HOST = _named(HOST_ID)
 #: What fixed HOST for this process's life (None: nothing yet).
 _host_fixed_by = None
 _host_lock = threading.Lock()
@@ -82,7 +117,7 @@ def set_host(value=None):
     ``$MAILOUT_HOST_ID``, else the default (host name and pid namespace).
     One process is one host: ValueError for a second, different value, or
     for one given after this process named a queue file with another."""
-    global HOST, _host_fixed_by
+    global HOST, HOST_ID, _host_fixed_by
     if value:
         source = f'host-id {value}'
         check_host_id(value)
@@ -96,13 +131,13 @@ def set_host(value=None):
     else:
         value, source = _host_id(), 'the host name'
     with _host_lock:
-        if _host_fixed_by is not None and value != HOST:
+        if _host_fixed_by is not None and value != HOST_ID:
             raise ValueError(
                 f'host id {value!r} (from {source}): this process is host '
-                f'{HOST!r} already (from {_host_fixed_by}); one process is '
-                'one host, give every configuration it loads the same '
+                f'{HOST_ID!r} already (from {_host_fixed_by}); one process '
+                'is one host, give every configuration it loads the same '
                 'host-id')
-        HOST = value
+        HOST_ID, HOST = value, _named(value)
         if _host_fixed_by is None:
             _host_fixed_by = source
 
