@@ -734,3 +734,48 @@ def test_takeover_time(tmp_path, start_sink, hosts):
     print(f'\ntakeover times {[round(t, 2) for t in times]}, median '
           f'{statistics.median(times):.2f} s; duplicates '
           f'{[d for _, d in results]}')
+
+
+#: Forbids renameat2 (EPERM) in this process with a real seccomp filter
+#: (x86_64), as old container profiles do, then lets a relay refuse a
+#: message with 550 and prints where it ended.
+NO_RENAMEAT2 = '''
+import ctypes, errno, os, struct, sys
+from mailout import config
+from mailout.factories import build_all
+code = lambda op, k, jt=0, jf=0: struct.pack('HBBI', op, jt, jf, k)
+program = b''.join([
+    code(0x20, 4), code(0x15, 0xc000003e, 1, 0), code(0x06, 0x7fff0000),
+    code(0x20, 0), code(0x15, 316, 0, 1),
+    code(0x06, 0x00050000 | errno.EPERM), code(0x06, 0x7fff0000)])
+buffer = ctypes.create_string_buffer(program)
+class Program(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
+filter = Program(len(program) // 8, ctypes.addressof(buffer))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+assert libc.prctl(38, 1, 0, 0, 0) == 0                    # no new privileges
+assert libc.prctl(22, 2, ctypes.addressof(filter), 0, 0) == 0
+from mailout.processor import Processor
+_, deliveries = build_all(config.load(sys.argv[1]))
+queue = deliveries['default'].queue
+Processor(queue, deliveries['default'].mailer).run_once()
+print(sorted(area for area in ('new', 'cur', 'deferred', 'failed')
+             if os.listdir(os.path.join(queue.path, area))))
+'''
+
+
+@pytest.mark.skipif(os.uname().machine != 'x86_64',
+                    reason='the seccomp filter is written for x86_64')
+def test_rewrite_where_renameat2_is_forbidden(tmp_path, start_sink):
+    """Where a seccomp policy refuses renameat2 (EPERM), a rewrite falls
+    back to check-then-rename: a message refused 550 still reaches
+    failed/ with its reply, instead of being released for ever."""
+    sink = start_sink('--rcpt-reply', '550 5.1.1 no such user')
+    queue_path = str(tmp_path / 'q')
+    config = write_config(tmp_path / 'mailout.conf', config_text(
+        sink.port, queue_path, delivery_lines=['processor off']))
+    enqueue(Queue(queue_path), '1')
+    result = subprocess.run([sys.executable, '-c', NO_RENAMEAT2, config],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "['failed']", result.stderr

@@ -103,14 +103,13 @@ def replace_existing(source, target):
     system can exchange two names (Linux's renameat2); elsewhere (NFS,
     other systems) a check just before the rename leaves a window of
     microseconds."""
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD,
-                      os.fsencode(target), _RENAME_EXCHANGE) == 0:
-            unlink(source)              # the old version, swapped aside
-            return
-        error = ctypes.get_errno()
-        if error not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(error, os.strerror(error), target)
+    if _renameat2 is not None and _renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+            _RENAME_EXCHANGE) == 0:
+        unlink(source)                  # the old version, swapped aside
+        return
+    # Not exchanged: a name missing (said below), or no exchange here
+    # (EINVAL on NFS, ENOSYS, EPERM from a seccomp policy, ...).
     if not os.path.lexists(target):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
                                 target)
