@@ -348,6 +348,29 @@ def test_message_untried_for_a_full_relay_is_tried_again_soon(tmp_path,
     assert sorted(subjects(sink)) == ['first', 'second']
 
 
+@pytest.mark.slow
+def test_processes_start_their_turns_at_random(tmp_path, start_sink):
+    """Processes started together do not all open their first connection
+    to the first relay: ten ``mailout process --once``, a message each,
+    over three relays, reach more than one of them (all ten on one: a
+    chance of 1 in 20,000 at random; every time when each process started
+    with the first relay)."""
+    sinks = [start_sink() for _ in range(3)]
+    queue_path = tmp_path / 'q'
+    config = write_config(tmp_path / 'mailout.conf', section(
+        [sink.port for sink in sinks]) + f'\n<queued-delivery default>\n'
+        f'  mailer farm\n  queue-path {queue_path}\n</queued-delivery>\n')
+    queue = Queue(str(queue_path))
+    for i in range(10):
+        enqueue(queue, i)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable),
+                                     'mailout'), 'process', '--once', '-C',
+                        config], check=True, capture_output=True)
+    counts = [len(sink.messages()) for sink in sinks]
+    assert sum(counts) == 10
+    assert max(counts) < 10, counts
+
+
 # -- d. weights ------------------------------------------------------------------
 
 def test_weights_spread_new_connections_in_proportion(tmp_path, start_sink):

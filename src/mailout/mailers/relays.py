@@ -34,6 +34,7 @@ slot, at most ``wait`` seconds.
 import collections
 import logging
 import math
+import random
 import socket
 import threading
 import time
@@ -340,7 +341,8 @@ class RelayRotation:
         if not up:
             return []
         with self._lock:
-            current = {key: self._current.get(key, 0.0) + weight
+            current = {key: (self._current[key] if key in self._current
+                             else start_of_turn(weight)) + weight
                        for key, _, weight in up}
             first = max(current, key=current.__getitem__)
             current[first] -= sum(weight for _, _, weight in up)
@@ -396,6 +398,13 @@ class RelayRotation:
         states = self.states()
         return [address(r) for r, _ in self.members()
                 if states.get(address(r), {}).get('state') == 'resting']
+
+
+def start_of_turn(weight: float) -> float:
+    """Where a relay new to this process starts in the weighted turn: at
+    random, so that processes started together do not all open their
+    first connections to the first relay."""
+    return random.random() * weight
 
 
 def rest_of(record: Optional[dict[str, Any]], now: float,
