@@ -1011,13 +1011,7 @@ def report(results):
                      f'{t["op"]} {t["goal"]}{unit}',
                      'met' if t['met'] else 'MISSED'])
     table.rows(['target', 'measured', 'goal', ''], rows)
-    if results['warnings']:
-        table.title('Warnings')
-        for w in results['warnings']:
-            table.text(f'  {w}')
-    table.text('')
-    table.text(f'total time {results["elapsed_s"]:.0f} s')
-    return str(table)
+    return run.end_of_report(table, results)
 
 
 def main(argv=None):

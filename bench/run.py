@@ -1092,6 +1092,11 @@ def report(results):
                 rows.append([title, fmt(value, 'x'), f'>= {goal}x',
                              'met' if ok else 'MISSED'])
         table.rows(['target', 'measured', 'goal', ''], rows)
+    return end_of_report(table, results)
+
+
+def end_of_report(table, results):
+    """The warnings and total time that end a report; its text."""
     if results['warnings']:
         table.title('Warnings')
         for w in results['warnings']:

@@ -229,3 +229,22 @@ def configure_zope(path):
     handleWSGIConfig(opts.configroot, opts.confighandlers)
     App.config.setConfiguration(opts.configroot)
     return opts.configroot
+
+
+def stopped(pid, timeout=10):
+    """Wait until every thread of process ``pid`` is stopped (a SIGSTOP
+    took effect); whether it was within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        try:
+            for task in os.listdir(f'/proc/{pid}/task'):
+                with open(f'/proc/{pid}/task/{task}/stat') as f:
+                    states.append(f.read().rsplit(')', 1)[1].split()[0])
+        except FileNotFoundError:
+            pass
+        if all(state in 'TtZX' for state in states):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)

@@ -22,13 +22,11 @@ The set-up, all on loopback, on ports the system picks:
   path))``, as tests/crashloop.py's children do): an smtp-mailer listing
   every relay (``tls none``, ``timeout 5s``, ``down-time 2s``, EHLO name
   ``HOST-N.mailout.test``) and a queued delivery with its processor on (2
-  connections, ``min-backoff 1s``, ``max-backoff 2s``, ``claim-lease 3s``
-  where supported).  All hosts share one queue directory (the shared
-  spool); ``--queues per-host`` gives each host its own.  A host's
-  processes get ``MAILOUT_HOST_ID=host-X`` when mailout supports host ids
-  and claim leases (see `features`); without a lease, a claim of another
-  host is only taken back after a built-in 600 s, so the hosts then share
-  this machine's host id and a dead process's claims come back by its pid.
+  connections, ``min-backoff 1s``, ``max-backoff 2s``, ``claim-lease
+  3s``).  All hosts share one queue directory (the shared spool);
+  ``--queues per-host`` gives each host its own.  A host's processes get
+  ``MAILOUT_HOST_ID=host-X``: the others take a dead or frozen host's
+  claims over after the lease.
 
 The run: the harness hands out ``--messages`` messages in small
 transactions (1-3 messages) to the committing processes, ``--rate`` a
@@ -107,6 +105,8 @@ import time
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from helpers import stopped  # noqa: E402 (after the path it needs)
+
 SENDER = 'app@example.org'
 RECIPIENT = 'ann@example.org'
 _MESSAGE_ID = re.compile(rb'^Message-Id:\s*<([^>]+)>', re.I | re.M)
@@ -126,24 +126,6 @@ _RECEIVED = re.compile(
 #: Areas of a queue directory (mailout.queue.names.AREAS, without an
 #: import in the harness).
 AREAS = ('tmp', 'new', 'cur', 'deferred', 'failed', 'held')
-
-
-def features():
-    """What the mailout under test supports of issue 14: host ids
-    (MAILOUT_HOST_ID) and claim leases (``claim-lease`` in
-    component.xml)."""
-    import mailout
-    package = os.path.dirname(os.path.abspath(mailout.__file__))
-    with open(os.path.join(package, 'component.xml')) as f:
-        component = f.read()
-    host_id = False
-    for directory, _, filenames in os.walk(package):
-        for filename in filenames:
-            if filename.endswith('.py'):
-                with open(os.path.join(directory, filename)) as f:
-                    if 'MAILOUT_HOST_ID' in f.read():
-                        host_id = True
-    return {'host-id': host_id, 'claim-lease': 'claim-lease' in component}
 
 
 # -- the child ----------------------------------------------------------------
@@ -437,8 +419,6 @@ class Summary:
     queues: str = 'shared'
     seed: int = 0
     seconds: float = 0.0
-    features: dict = dataclasses.field(default_factory=dict)
-    host_ids: bool = False
     recovery: str = ''
     committed: int = 0
     trickled: int = 0               # committed while a phase waited
@@ -487,22 +467,12 @@ class Summary:
     failures: list = dataclasses.field(default_factory=list)
 
     def text(self):
-        f = self.features
         lines = [
             f'scale-out run: {self.messages} messages, {self.relays} Postfix '
             f'relays, {self.hosts} hosts x {self.processes} processes x '
             f'{self.connections} connections, {self.queues} queue'
             f'{"s" if self.queues != "shared" else ""}, '
             f'{self.seconds:.1f} s (seed {self.seed})',
-            '  mailout features: host-id '
-            + ('available' if f.get('host-id') else 'not available')
-            + ', claim-lease '
-            + ('available' if f.get('claim-lease') else 'not available')
-            + ('; each host runs with its own MAILOUT_HOST_ID'
-               if self.host_ids else
-               '; the simulated hosts share this machine\'s host id'
-               + (' (without a claim lease, claims of another host id come'
-                  ' back after 600 s only)' if f.get('host-id') else '')),
             f'  claims of the killed host come back: {self.recovery}',
             f'  committed {self.committed} (of them {self.trickled} while '
             f'the harness waited for a phase), delivered {self.delivered}, '
@@ -563,7 +533,7 @@ class Summary:
             f'{_s(self.takeover_first_s)}, last {_s(self.takeover_last_s)} '
             'after the kill'
             + (f' (lease {self.lease:g} s)'
-               if self.host_ids and self.queues == 'shared' else ''),
+               if self.queues == 'shared' else ''),
             '  left in mailout\'s queue: ' + (', '.join(
                 f'{area} {n}' for area, n in self.stuck.items()) or '-'),
             '  left in Postfix\'s queues: ' + (', '.join(
@@ -601,7 +571,8 @@ CONFIG = '''<mailout>
   poll-interval {poll}s
   min-backoff 1s
   max-backoff 2s
-{lease}</queued-delivery>
+  claim-lease {lease}s
+</queued-delivery>
 </mailout>
 '''
 
@@ -633,15 +604,10 @@ class ScaleOut:
         self.seed = random.randrange(1 << 32) if seed is None else seed
         self.rng = random.Random(self.seed)
         self.verbose = verbose
-        self.features = features()
-        self.lease = lease if self.features['claim-lease'] else None
-        # A host id of its own for each host only with leases: without one
-        # another host's claims wait 600 s (queue.recovery.CLAIM_LEASE).
-        self.host_ids = self.features['host-id'] \
-            and self.features['claim-lease']
+        self.lease = lease
         # A host frozen past the lease: only where another host can take
         # its claims over.
-        self.freeze = freeze and self.host_ids and queues == 'shared' \
+        self.freeze = freeze and queues == 'shared' \
             and hosts >= 3
         self.burst = min(max(30, messages // 10), 300)
         self.budget = messages - self.burst     # handed out by the feeder
@@ -657,8 +623,7 @@ class ScaleOut:
         self.summary = Summary(
             messages=messages, relays=relays, hosts=hosts,
             processes=processes, connections=connections, queues=queues,
-            seed=self.seed, features=self.features, host_ids=self.host_ids,
-            lease=self.lease, relay_stop=relay_stop)
+            seed=self.seed, lease=self.lease, relay_stop=relay_stop)
         self._started = time.monotonic()
         self._cap = 0
         self._handed = 0        # by the feeder, not trickled
@@ -683,7 +648,6 @@ class ScaleOut:
 
     def _config(self, host, label):
         path = os.path.join(self.directory, f'{label}.conf')
-        lease = f'  claim-lease {self.lease:g}s\n' if self.lease else ''
         with open(path, 'w') as f:
             f.write(CONFIG.format(
                 hosts='\n'.join(f'  host {r.address}:{r.port}'
@@ -691,15 +655,13 @@ class ScaleOut:
                 down_time=f'{self.down_time:g}', label=label,
                 per_connection=self.per_connection,
                 queue=self.queue_path(host), connections=self.connections,
-                poll=f'{self.poll:g}', lease=lease))
+                poll=f'{self.poll:g}', lease=f'{self.lease:g}'))
         return path
 
     def start_child(self, host, number, committing=True):
         label = f'{host}-{number}'
         env = dict(os.environ)
-        env.pop('MAILOUT_HOST_ID', None)
-        if self.host_ids:
-            env['MAILOUT_HOST_ID'] = host
+        env['MAILOUT_HOST_ID'] = host
         child = Child(self, host, label, self._config(host, label), env,
                       self.rng.randrange(1 << 32),
                       os.path.join(self.directory, f'{label}.log'))
@@ -980,7 +942,7 @@ class ScaleOut:
             lambda: wanted <= {c.mid for c in self.copies()
                                if c.client.split('.')[0] not in killed},
             'the killed host\'s claims delivered by others',
-            timeout=60 + (self.lease or 0) * 3)
+            timeout=60 + self.lease * 3)
 
     def freeze_holding_claims(self, victims, attempts=200):
         """Freeze ``victims`` until they are seen holding claims in cur/;
@@ -992,7 +954,8 @@ class ScaleOut:
                 os.kill(pid, signal.SIGSTOP)
             try:
                 for pid in pids:
-                    wait_until_stopped(pid)
+                    if not stopped(pid):
+                        raise Failed(f'{pid} did not stop')
                 self.summary.freezes += 1
                 held = self.claims_of(pids)
             except BaseException:
@@ -1325,12 +1288,8 @@ class ScaleOut:
             return (f'the host is started again {self.restart_after:g} s '
                     'after the kill (its own queue) and takes them back by '
                     'pid')
-        if self.host_ids:
-            return (f'other hosts take them over after the lease '
-                    f'(claim-lease {self.lease:g}s)')
-        return ('other processes take them back at once, the owner\'s pid '
-                'being dead (one host id for all: on real hosts pids cannot '
-                'be checked, that is what the lease is for)')
+        return (f'other hosts take them over after the lease '
+                f'(claim-lease {self.lease:g}s)')
 
     def _latency(self, by_id):
         s = self.summary
@@ -1362,25 +1321,6 @@ def _longest_gap(times, start, end):
     inside = [start] + times[bisect.bisect_left(times, start):
                              bisect.bisect_right(times, end)] + [end]
     return max(b - a for a, b in zip(inside, inside[1:]))
-
-
-def wait_until_stopped(pid, timeout=10):
-    """Wait until every thread of ``pid`` is stopped (SIGSTOP took
-    effect)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = []
-        try:
-            for task in os.listdir(f'/proc/{pid}/task'):
-                with open(f'/proc/{pid}/task/{task}/stat') as f:
-                    states.append(f.read().rsplit(')', 1)[1].split()[0])
-        except FileNotFoundError:
-            pass
-        if all(state in 'TtZX' for state in states):
-            return
-        if time.monotonic() > deadline:
-            raise Failed(f'{pid} did not stop: {states}')
-        time.sleep(0.0005)
 
 
 def run(directory=None, **options):

@@ -26,6 +26,7 @@ from helpers import config_text
 from helpers import enqueue
 from helpers import files_in
 from helpers import load_config
+from helpers import stopped
 from helpers import write_config
 from mailout import factories
 from mailout.queue import fileformat
@@ -533,16 +534,6 @@ def claims_of(queue_path, host_id):
     return result
 
 
-def wait_until_stopped(pid, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(f'/proc/{pid}/stat') as f:
-            if f.read().rsplit(')', 1)[1].split()[0] in 'Tt':
-                return
-        assert time.monotonic() < deadline, f'{pid} did not stop'
-        time.sleep(0.001)
-
-
 #: Claims a message of the queue of argv[1] (its processor off), writes one
 #: more into tmp/ without committing, and dies (SIGKILL): what a crashed
 #: host leaves.
@@ -665,7 +656,7 @@ def freeze_and_take_over(tmp_path, start_sink, hosts, lease='2s',
         time.sleep(0.005)
     a.process.send_signal(signal.SIGSTOP)
     frozen_at = time.time()
-    wait_until_stopped(a.process.pid)
+    assert stopped(a.process.pid), 'A did not stop'
     held = claims_of(queue_path, 'host-a')      # frozen: this is all
     time.sleep(0.2)         # what A wrote before the freeze is at the sink
     on_wire = held & set(numbers(sink))

@@ -20,6 +20,7 @@ from helpers import HERE
 from helpers import areas
 from helpers import config_text
 from helpers import files_in
+from helpers import stopped
 from helpers import write_config
 from mailout.message import prepare
 from mailout.queue import Queue
@@ -114,17 +115,6 @@ class Processors:
             if 'Traceback' in text or 'ERROR' in text:
                 found.append(f'{log}:\n{text[-3000:]}')
         return found
-
-
-def wait_until_stopped(pid, timeout=10):
-    """Wait until process ``pid`` is stopped (SIGSTOP took effect)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(f'/proc/{pid}/stat') as f:
-            if f.read().rsplit(')', 1)[1].split()[0] in 'Tt':
-                return
-        assert time.monotonic() < deadline, f'{pid} did not stop'
-        time.sleep(0.001)
 
 
 def message_number(path):
@@ -259,7 +249,7 @@ def test_kill_9_of_one_processor_mid_run(tmp_path, start_sink):
     # Stopped, it can neither take nor finish a claim, and its claims are
     # not recovered (it lives): cur/ shows exactly what it has in flight.
     victim.send_signal(signal.SIGSTOP)
-    wait_until_stopped(victim.pid)
+    assert stopped(victim.pid), 'the victim did not stop'
     in_flight = {message_number(os.path.join(queue_path, 'cur', claim))
                  for claim in files_in(queue_path, 'cur')
                  if names.Claim.parse(claim).pid == victim.pid}
