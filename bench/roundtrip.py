@@ -71,6 +71,9 @@ import xml.etree.ElementTree as ElementTree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMTP_SINK = '/usr/sbin/smtp-sink'
+sys.path.insert(0, HERE)
+
+import run  # noqa: E402 (bench/run.py: its drains, tables and Child)
 
 
 # == helper processes (stdlib only: they start fast) ========================
@@ -486,45 +489,7 @@ def smtp_sink_main(path):
 
 # == the benchmark ===========================================================
 
-class Child:
-    """A helper process that prints ``PORT CONTROL_PORT [PID]`` and then
-    answers one line per command line; it exits when its stdin closes."""
-
-    def __init__(self, argv, what):
-        self.what = what
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        if not line:
-            self.process.wait()
-            raise RuntimeError(f'{what} did not start')
-        words = [int(w) for w in line.split()]
-        self.port, self.control_port = words[:2]
-        #: The process that does the server's work (smtp-sink itself).
-        self.pid = words[2] if len(words) > 2 else self.process.pid
-        self._control = socket.create_connection(
-            ('127.0.0.1', self.control_port))
-        self._file = self._control.makefile('rw', encoding='ascii')
-
-    def command(self, line):
-        self._file.write(line + '\n')
-        self._file.flush()
-        return self._file.readline().strip()
-
-    def stop(self):
-        with contextlib.suppress(OSError):
-            self._file.close()
-            self._control.close()
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-class Server(Child):
+class Server(run.Child):
     """The SMTP server and its message counter (bench/sink.py's control
     protocol)."""
 
@@ -538,7 +503,7 @@ class Server(Child):
         return int(self.command('DUPLICATES'))
 
 
-class Proxy(Child):
+class Proxy(run.Child):
 
     def reset(self):
         self.command('RESET')
@@ -732,12 +697,6 @@ def labels(n):
     }
 
 
-def load_run():
-    sys.path.insert(0, HERE)
-    import run
-    return run
-
-
 def make_bench_class(run):
 
     class RoundTripBench(run.Bench):
@@ -816,7 +775,6 @@ def measure(bench, system, target, n, connections):
 
 
 def run_bench(args):
-    run = load_run()
     mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
     size = dict(SIZES[mode])
     reps = args.reps or size.pop('reps')
@@ -928,7 +886,6 @@ def targets(results, run):
 
 
 def report(results):
-    run = load_run()
     fmt, median = run.fmt, run.median
     table = run.Table()
     N = results['connections']

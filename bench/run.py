@@ -84,18 +84,22 @@ def make_message(i):
 
 # -- the sink process ---------------------------------------------------------
 
-class Sink:
-    """bench/sink.py in a child process, and its control channel."""
+class Child:
+    """A helper process that prints ``PORT CONTROL_PORT [PID]`` and then
+    answers one line per command line; it exits when its stdin closes."""
 
-    def __init__(self, *options):
-        self.options = options
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, 'sink.py'), *options],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, argv, what):
+        self.what = what
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f'the sink did not start: {options}')
-        self.port, self.control_port = map(int, line.split())
+            self.process.wait()
+            raise RuntimeError(f'{what} did not start')
+        words = [int(w) for w in line.split()]
+        self.port, self.control_port = words[:2]
+        #: The process that does the server's work (smtp-sink itself).
+        self.pid = words[2] if len(words) > 2 else self.process.pid
         self._control = socket.create_connection(
             ('127.0.0.1', self.control_port))
         self._file = self._control.makefile('rw', encoding='ascii')
@@ -104,6 +108,27 @@ class Sink:
         self._file.write(line + '\n')
         self._file.flush()
         return self._file.readline().strip()
+
+    def stop(self):
+        with contextlib.suppress(OSError):
+            self._file.close()
+            self._control.close()
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Sink(Child):
+    """bench/sink.py in a child process, and its control channel."""
+
+    def __init__(self, *options):
+        self.options = options
+        super().__init__([sys.executable, os.path.join(HERE, 'sink.py'),
+                          *options], f'the sink {options}')
 
     def reset(self):
         self.command('RESET')
@@ -119,18 +144,6 @@ class Sink:
 
     def duplicates(self):
         return int(self.command('DUPLICATES'))
-
-    def stop(self):
-        with contextlib.suppress(OSError):
-            self._file.close()
-            self._control.close()
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def wait_control(control_port, n, timeout):
