@@ -702,30 +702,12 @@ def make_bench_class(run):
     class RoundTripBench(run.Bench):
 
         def drain_pipelining(self, target, n, connections):
-            messages = [run.make_message(i) for i in range(n)]
-            errors = []
-
             def send(part):
-                try:
-                    client = PipeliningClient(target.port)
-                    client.send(run.FROM, run.TO, part)
-                    client.quit()
-                except Exception as e:          # reported, not hidden
-                    errors.append(e)
-
-            threads = [threading.Thread(target=send,
-                                        args=(messages[k::connections],))
-                       for k in range(connections)]
-            drain = run.Drain(target, n)
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            drain.finish(self.timeout(n))
-            if errors:
-                self.warn(f'pipelining client: {errors[0]!r}')
-            self.check(drain, f'pipelining client x{connections}')
-            return drain
+                client = PipeliningClient(target.port)
+                client.send(run.FROM, run.TO, part)
+                client.quit()
+            return self.drain_by_clients(send, target, n, connections,
+                                         'pipelining client')
 
         def drain_mailout_with(self, target, n, connections, extra):
             saved = self.mailer_extra

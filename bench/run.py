@@ -377,19 +377,27 @@ class Bench:
 
     def drain_raw(self, setting, sink, n, connections):
         """The limit: smtplib, each connection opened once, no disk."""
+        def send(part):
+            connection = setting.raw_connect(sink.port)
+            for message in part:
+                connection.sendmail(FROM, TO, message)
+            connection.quit()
+        return self.drain_by_clients(send, sink, n, connections,
+                                     'raw smtplib')
+
+    def drain_by_clients(self, send, sink, n, connections, what):
+        """``n`` messages sent by ``send(messages)`` in as many threads as
+        ``connections``, each its share (no disk): the drain."""
         messages = [make_message(i) for i in range(n)]
         errors = []
 
-        def send(part):
+        def client(part):
             try:
-                connection = setting.raw_connect(sink.port)
-                for message in part:
-                    connection.sendmail(FROM, TO, message)
-                connection.quit()
+                send(part)
             except Exception as e:          # reported, not hidden
                 errors.append(e)
 
-        threads = [threading.Thread(target=send,
+        threads = [threading.Thread(target=client,
                                     args=(messages[k::connections],))
                    for k in range(connections)]
         drain = Drain(sink, n)
@@ -399,8 +407,8 @@ class Bench:
             thread.join()
         drain.finish(self.timeout(n))
         if errors:
-            self.warn(f'raw smtplib: {errors[0]!r}')
-        self.check(drain, f'raw smtplib x{connections}')
+            self.warn(f'{what}: {errors[0]!r}')
+        self.check(drain, f'{what} x{connections}')
         return drain
 
     def drain_mailout(self, setting, sink, n, connections):
